@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # command words -> (module, one-line help)
@@ -57,7 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"distill {key}", description=help_text)
     module.add_arguments(parser)
     args = parser.parse_args(argv[len(key.split()) :])
-    return int(module.main(args) or 0)
+    try:
+        return int(module.main(args) or 0)
+    except (OSError, ValueError, KeyError) as err:
+        if os.environ.get("DISTILL_DEBUG"):
+            raise
+        # bad input: one clear line naming the file, field or key at fault (DISTILL_DEBUG=1 for the traceback)
+        print(f"distill {key}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

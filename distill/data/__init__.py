@@ -1,0 +1,117 @@
+"""Data pipeline: COCO-format datasets, DEIM/DEIMv2 augmentation with its epoch scheduler, evaluation.
+
+API for the engine
+    DataConfig, config_from_dict(d) -> DataConfig        (config.py; every knob is a typed field)
+    resolve_config(cfg) -> DataConfig                      preset + synth paths filled in, validated
+    build_dataset(cfg, split) -> CocoDetection             split: 'train' | 'val'
+    build_dataloader(cfg, split, epoch=0) -> DetDataLoader
+        yields (images, targets): images B x 3 x H x W float32 (in [0, 1], or ImageNet-normalised when
+        cfg.normalize); H = W = cfg.img_size, or a multi-scale size in training; targets: list of B dicts
+        {'boxes' N x 4 normalised cxcywh float32, 'labels' int64 [N] (contiguous 0..K-1), 'area' float32 [N],
+         'image_id' int64 scalar, 'orig_size' int64 [2] = (w, h) of the original image}
+    loader.set_epoch(epoch)                                call before iterating each epoch: reaches dataset,
+                                                           transforms, collate and every worker (shared memory),
+                                                           and the DistributedSampler
+    build_evaluator(dataset) -> CocoEvaluator              (distill/evaluator.py)
+    infer_num_classes(cfg) -> int
+
+The per-rank batch size is ``cfg.batch_size``; under torch.distributed a DistributedSampler shards the data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ..evaluator import CocoEvaluator, build_evaluator
+from .coco import CocoDetection, load_coco
+from .collate import Collator
+from .config import PRESETS, SPLITS, DataConfig, config_from_dict, resolve_config
+from .epoch import SharedEpoch
+from .transforms import TrainTransform, ValTransform
+
+__all__ = [
+    "PRESETS", "CocoDetection", "CocoEvaluator", "Collator", "DataConfig", "DetDataLoader", "SharedEpoch",
+    "TrainTransform", "ValTransform", "build_dataloader", "build_dataset", "build_evaluator", "config_from_dict",
+    "infer_num_classes", "resolve_config",
+]
+
+
+def _as_config(cfg: DataConfig | dict[str, Any]) -> DataConfig:
+    return resolve_config(config_from_dict(cfg) if isinstance(cfg, dict) else cfg)
+
+
+def _paths(cfg: DataConfig, split: str) -> tuple[str, str]:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}; valid: {SPLITS}")
+    images, ann = getattr(cfg, f"{split}_images"), getattr(cfg, f"{split}_ann")
+    if not images or not ann:
+        raise ValueError(f"data: no {split} dataset: set data.synth or data.{split}_images and data.{split}_ann")
+    return images, ann
+
+
+def infer_num_classes(cfg: DataConfig | dict[str, Any]) -> int:
+    """``cfg.num_classes`` if set, else derived from the training annotation file's categories."""
+    cfg = _as_config(cfg)
+    if cfg.num_classes > 0:
+        return cfg.num_classes
+    cats = sorted(load_coco(_paths(cfg, "train")[1]).cats)
+    return len(cats) if cfg.remap_mscoco_category else (max(cats) + 1 if cats else 0)
+
+
+def build_dataset(cfg: DataConfig | dict[str, Any], split: str, epoch: SharedEpoch | None = None) -> CocoDetection:
+    """The dataset of ``split`` with its transforms (TrainTransform for 'train', ValTransform for 'val')."""
+    cfg = _as_config(cfg)
+    images, ann = _paths(cfg, split)
+    tf = TrainTransform(cfg) if split == "train" else ValTransform(cfg)
+    ds = CocoDetection(images, ann, tf, remap_category=cfg.remap_mscoco_category, strict=cfg.strict,
+                       max_samples=cfg.max_samples, epoch=epoch)
+    if cfg.num_classes > 0 and ds.num_classes > cfg.num_classes:
+        raise ValueError(f"data.num_classes={cfg.num_classes} but {ann} has {ds.num_classes} classes")
+    return ds
+
+
+class DetDataLoader(DataLoader):
+    """A DataLoader whose ``set_epoch`` reaches the dataset, its transforms, the collate function and all
+    workers (through one :class:`SharedEpoch`), and the DistributedSampler when there is one."""
+
+    def __init__(self, dataset: Any, shared_epoch: SharedEpoch, **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self.shared_epoch = shared_epoch
+
+    @property
+    def epoch(self) -> int:
+        return self.shared_epoch.value
+
+    def set_epoch(self, epoch: int) -> None:
+        self.shared_epoch.set(epoch)
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)
+
+
+def make_loader(dataset: Any, collate_fn: Any, shared_epoch: SharedEpoch, batch_size: int, num_workers: int,
+                train: bool, persistent_workers: bool = True, pin_memory: bool = False,
+                drop_last: bool = True) -> DetDataLoader:
+    """Wrap ``dataset`` and ``collate_fn`` (both reading ``shared_epoch``) in a DetDataLoader."""
+    sampler = None
+    if dist.is_available() and dist.is_initialized():
+        sampler = DistributedSampler(dataset, shuffle=train)
+    return DetDataLoader(
+        dataset, shared_epoch, batch_size=batch_size, shuffle=train if sampler is None else None, sampler=sampler,
+        num_workers=num_workers, collate_fn=collate_fn, drop_last=drop_last and train,
+        persistent_workers=persistent_workers and num_workers > 0, pin_memory=pin_memory,
+    )
+
+
+def build_dataloader(cfg: DataConfig | dict[str, Any], split: str, epoch: int = 0) -> DetDataLoader:
+    """Dataset + transforms + collate for ``split``, sharing one epoch value; see the module docstring."""
+    cfg = _as_config(cfg)
+    shared = SharedEpoch(epoch)
+    ds = build_dataset(cfg, split, shared)
+    train = split == "train"
+    return make_loader(ds, Collator(cfg, shared, train=train), shared,
+                       batch_size=cfg.batch_size if train else cfg.val_batch_size, num_workers=cfg.num_workers,
+                       train=train, persistent_workers=cfg.persistent_workers, pin_memory=cfg.pin_memory,
+                       drop_last=cfg.drop_last)

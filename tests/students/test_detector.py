@@ -1,0 +1,153 @@
+"""Forward, train step, deploy, taps and GAM groups of the assembled students (small scales, small images).
+
+Images are small so that the CPU run stays fast; the official eval-time anchors and AIFI position embedding are
+precomputed for ``eval_spatial_size``, so each model is built for that small size (``input_size``), which must give
+at least ``num_queries`` anchors.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from students import Detector, build_student
+from students.criterion import build_criterion
+
+# name -> smallest convenient square size with enough anchors for its num_queries
+SMALL = {"deim_dfine_n": 256, "deimv2_atto": 160, "deimv2_femto": 192, "deimv2_pico": 224, "deimv2_n": 256}
+QUERIES = {"deim_dfine_n": 300, "deimv2_atto": 100, "deimv2_femto": 150, "deimv2_pico": 200, "deimv2_n": 300}
+
+
+def _targets():
+    return [
+        {"labels": torch.tensor([1, 5]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.3, 0.6, 0.1, 0.1]])},
+        {"labels": torch.tensor([7]), "boxes": torch.tensor([[0.4, 0.4, 0.5, 0.5]])},
+    ]
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_forward_train_step_and_deploy(name):
+    size = SMALL[name]
+    model = build_student(name, input_size=(size, size))
+    images = torch.rand(2, 3, size, size)
+
+    # train step with the real criterion: finite loss, a gradient for every trainable parameter
+    model.train()
+    targets = _targets()
+    outputs = model(images, targets)
+    assert {"pred_logits", "pred_boxes", "aux_outputs", "dn_outputs", "dn_meta"} <= set(outputs)
+    losses = build_criterion(name, num_classes=80)(outputs, targets)
+    loss = sum(losses.values())
+    assert torch.isfinite(loss) and loss > 0
+    loss.backward()
+    for pname, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, f"{pname} got no gradient"
+            assert torch.isfinite(p.grad).all(), pname
+    for group, params in model.component_groups().items():
+        assert sum(p.grad.abs().sum() for p in params) > 0, f"group {group} got only zero gradients"
+
+    # eval: finite boxes in [0, 1], scores in [0, 1]; deploy leaves the outputs unchanged (fp32 rounding of the
+    # conv-BN / RepVGG fusion, amplified through the random-init network, stays far below these tolerances)
+    model.eval()
+    with torch.no_grad():
+        out = model(images)
+    logits, boxes = out["pred_logits"], out["pred_boxes"]
+    assert logits.shape == (2, QUERIES[name], 80) and boxes.shape == (2, QUERIES[name], 4)
+    assert torch.isfinite(boxes).all() and boxes.min() >= 0 and boxes.max() <= 1
+    scores = logits.sigmoid()
+    assert torch.isfinite(scores).all() and scores.min() >= 0 and scores.max() <= 1
+    model.deploy()
+    with torch.no_grad():
+        deployed = model(images)
+    torch.testing.assert_close(deployed["pred_logits"], logits, atol=5e-3, rtol=1e-3)
+    torch.testing.assert_close(deployed["pred_boxes"], boxes, atol=1e-3, rtol=1e-3)
+
+    # postprocess: absolute xyxy inside the (w, h) frame given
+    dets = model.postprocess(deployed, torch.tensor([[size * 2, size]] * 2))
+    assert len(dets) == 2 and dets[0]["boxes"].shape[-1] == 4
+    assert dets[0]["boxes"][:, 0::2].max() <= size * 2 and dets[0]["boxes"][:, 1::2].max() <= size
+    assert dets[0]["scores"].shape == dets[0]["labels"].shape
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("deim_dfine_n", {"S4": (512, 16), "S5": (1024, 32), "F5": (128, 32), "P4": (128, 16), "P5": (128, 32)}),
+    ("deimv2_atto", {"S4": (256, 16), "F5": (64, 32), "P4": (64, 16), "P5": (64, 32)}),
+])
+def test_taps_capture_shapes_and_keep_the_graph(name, expected):
+    # expected channels from SPEC 2.1 / 2.3 (backbone outputs, encoder hidden dim)
+    size = SMALL[name]
+    model = build_student(name, input_size=(size, size))
+    assert {n: (t.channels, t.stride) for n, t in model.taps.items()} == expected
+    images = torch.rand(2, 3, size, size)
+    with model.capture(list(expected)) as feats:
+        model.eval()
+        model(images)
+    for tap, (c, s) in expected.items():
+        assert feats[tap].shape == (2, c, size // s, size // s)
+    # F5 keeps the autograd graph (distillation backpropagates through it)
+    feats["F5"].square().mean().backward()
+    aifi = model.aifi_module()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in aifi.parameters())
+    # after the context the hooks are gone
+    old = feats["F5"]
+    model(images)
+    assert feats["F5"] is old
+
+
+def test_unknown_tap_lists_valid_names():
+    model = build_student("deimv2_atto", input_size=(160, 160), check_taps=False)
+    with pytest.raises(KeyError) as err:
+        model.capture(["S3"])
+    assert "S4" in str(err.value) and "F5" in str(err.value)
+
+
+def test_check_taps_is_side_effect_free_and_catches_wrong_metadata():
+    model = build_student("deimv2_atto", check_taps=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    model.eval()
+    model.check_taps()
+    assert not model.training
+    assert torch.equal(torch.get_rng_state(), rng)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    f5 = model.taps["F5"]
+    model.taps["F5"] = type(f5)(f5.name, f5.module, f5.index, f5.channels + 1, f5.stride)
+    with pytest.raises(RuntimeError, match="F5"):
+        model.check_taps()
+
+
+@pytest.mark.parametrize("name", ["deim_dfine_n", "deimv2_atto"])
+def test_aifi_group_is_the_official_gam_module(name):
+    # GAM's numerator in RT-DETRv4 is encoder.encoder (AIFI); LiteEncoder has none, bi_fusion stands in
+    with torch.device("meta"):
+        model = build_student(name, check_taps=False)
+    module = model.encoder.encoder if name == "deim_dfine_n" else model.encoder.bi_fusion
+    assert [id(p) for p in model.component_groups()["aifi"]] == [id(p) for p in module.parameters()]
+    assert {id(p) for p in model.component_groups()["backbone"]} == {id(p) for p in model.backbone.parameters()}
+
+
+class _Recorder(nn.Module):
+    """Stub backbone/encoder/decoder: records what it receives."""
+
+    out_channels, out_strides = [3], [32]
+
+    def forward(self, x, targets=None):
+        self.seen = x
+        return x
+
+
+def test_imagenet_normalisation_inside_the_model():
+    backbone = _Recorder()
+    decoder = _Recorder()
+    enc = _Recorder()
+    enc.f5 = nn.Identity()
+    model = Detector(backbone, enc, decoder, nn.Identity(), normalize_input=True)
+    images = torch.full((1, 3, 2, 2), 0.5)
+    model(images)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    torch.testing.assert_close(backbone.seen[0, :, 0, 0], (0.5 - mean) / std)
+    assert "pixel_mean" not in model.state_dict()  # official keys only
+    plain = Detector(_Recorder(), enc, decoder, nn.Identity())
+    plain(images)
+    assert torch.equal(plain.backbone.seen, images)
