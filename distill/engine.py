@@ -156,11 +156,23 @@ def build_accelerator(cfg: TrainConfig):
     )
 
 
+def prepare_synth(data_cfg):
+    """Generate the embedded synthetic dataset on first use (``data.synth`` naming a directory not yet there)."""
+    if data_cfg.synth and not os.path.isfile(os.path.join(data_cfg.synth, "annotations", "instances_train.json")):
+        from .data.synth import make_synth
+
+        print(f"generating the embedded synthetic dataset in {data_cfg.synth} ...", flush=True)
+        make_synth(data_cfg.synth, size=data_cfg.img_size, seed=data_cfg.seed)
+    return data_cfg
+
+
 def build_data(cfg: TrainConfig):
     """Resolved data config (synth generated on first use), train/val loaders, evaluator, class count."""
     from .data import build_dataloader, build_evaluator, infer_num_classes, resolve_config
 
-    data_cfg = resolve_config(cfg.data)
+    # The student owns its input normalisation (DEIMv2 ViT variants normalise inside the model) and teachers
+    # need the [0, 1] batch, so the data pipeline never normalises here.
+    data_cfg = replace(resolve_config(prepare_synth(cfg.data)), normalize=False)
     train_loader = build_dataloader(data_cfg, "train")
     val_loader = build_dataloader(data_cfg, "val")
     num_classes = cfg.model.num_classes or infer_num_classes(data_cfg)
@@ -214,10 +226,14 @@ class Trainer:
             os.makedirs(self.ckpt_dir, exist_ok=True)
 
         self.data_cfg, self.train_loader, self.val_loader, self.evaluator, self.num_classes = build_data(cfg)
+        self.class_names = _class_names(self.val_loader.dataset, self.num_classes)
         pretrained = cfg.model.pretrained or None
         if checkpoint is not None:
             pretrained = None  # weights come from the checkpoint
-        self.student = build_student(cfg.model.student, num_classes=self.num_classes, pretrained=pretrained)
+        size = (self.data_cfg.img_size, self.data_cfg.img_size)  # anchors cached for the evaluation size
+        self.student = build_student(
+            cfg.model.student, num_classes=self.num_classes, pretrained=pretrained, input_size=size
+        )
         self.criterion = build_criterion(cfg.model.student, num_classes=self.num_classes, **cfg.loss)
         self.distiller = build_distiller(cfg, self.student, acc.device)
         injectors = self.distiller.injectors if self.distiller is not None else None
@@ -306,6 +322,7 @@ class Trainer:
             "version": CHECKPOINT_VERSION,
             "student": self.cfg.model.student,
             "num_classes": self.num_classes,
+            "class_names": self.class_names,
             "config": to_dict(self.cfg),
             "epoch": epoch,
             "metrics": metrics,
@@ -472,6 +489,16 @@ class Trainer:
                 json.dump(summary, f, indent=1)
         self.accelerator.end_training()
         return summary
+
+
+def _class_names(dataset, num_classes: int) -> list[str]:
+    """Category names in contiguous-label order, read from the COCO categories when the dataset has them."""
+    coco = getattr(dataset, "coco", None)
+    mapping = getattr(dataset, "label_to_category", None)
+    if coco is None or not mapping:
+        return [str(i) for i in range(num_classes)]
+    cats = {c["id"]: c["name"] for c in coco.dataset.get("categories", [])}
+    return [cats.get(mapping.get(i), str(i)) for i in range(num_classes)]
 
 
 def _jsonable(v):

@@ -52,8 +52,8 @@ def union_indices(index_lists: list[Indices]) -> Indices:
     """The "GO" union of several matchings of one batch.
 
     index_lists: matchings of the same images (main layer first, then aux, pre and encoder). Per image, every
-    (query, GT) pair is counted across the matchings; each query keeps its most frequent pair (ties: the smaller
-    GT index). Returns per image (query_idx, gt_idx), int64 CPU, ordered by decreasing count.
+    (query, GT) pair is counted across the matchings; each query keeps its most frequent pair (ties resolved by
+    ``torch.argsort`` as official). Returns per image (query_idx, gt_idx), int64 CPU, by decreasing count.
     """
     result = []
     for per_image in zip(*index_lists):
@@ -174,6 +174,9 @@ class DEIMCriterion(nn.Module):
             metas = {**epoch, **metas}
             epoch = metas.get("epoch", 0)
         device = outputs["pred_logits"].device
+        if outputs["pred_logits"].shape[-1] != self.num_classes:
+            raise ValueError(f"pred_logits has {outputs['pred_logits'].shape[-1]} classes but the criterion was "
+                             f"built with num_classes={self.num_classes}")
         with torch.autocast(device_type=device.type, enabled=False):
             outputs = _prepare_outputs(outputs)
             targets = [
@@ -211,9 +214,14 @@ class DEIMCriterion(nn.Module):
         num_boxes_go = norms[1] if use_go else num_boxes
 
         gather = _Gatherer(targets, device)
-        gather_enc = _Gatherer(enc_targets, device) if agnostic else gather
-        main = gather(main_idx)
-        go = gather(go_idx) if use_go else None
+        n_layers = len(layer_idx)
+        matches = gather.many([main_idx] + layer_idx + enc_idx + ([go_idx] if use_go else []))
+        main, layer_matches = matches[0], matches[1 : 1 + n_layers]
+        enc_matches = matches[1 + n_layers : 1 + n_layers + len(enc_idx)]
+        go = matches[-1] if use_go else None
+        if agnostic:
+            for m in enc_matches:
+                m.labels = torch.zeros_like(m.labels)
         ctx = {"up": outputs.get("up"), "reg_scale": outputs.get("reg_scale"), "ddf_scales": None}
 
         def picker(own: _Match, box_losses: tuple[str, ...] = _BOX_LOSSES) -> Callable:
@@ -226,12 +234,12 @@ class DEIMCriterion(nn.Module):
 
         result = dict(self._output_losses(outputs, picker(main), ctx))
         for i, layer in enumerate(aux):
-            result.update(self._output_losses(layer, picker(gather(layer_idx[i])), ctx, f"_aux_{i}"))
+            result.update(self._output_losses(layer, picker(layer_matches[i]), ctx, f"_aux_{i}"))
         if pre:
-            result.update(self._output_losses(pre[0], picker(gather(layer_idx[-1])), ctx, "_pre"))
+            result.update(self._output_losses(pre[0], picker(layer_matches[-1]), ctx, "_pre"))
         for i, enc in enumerate(encs):
             # the encoder joins the union set for its boxes only (official)
-            result.update(self._output_losses(enc, picker(gather_enc(enc_idx[i]), ("boxes",)), ctx, f"_enc_{i}"))
+            result.update(self._output_losses(enc, picker(enc_matches[i], ("boxes",)), ctx, f"_enc_{i}"))
 
         if "dn_outputs" in outputs:
             meta = outputs["dn_meta"]
@@ -355,15 +363,34 @@ class _Gatherer:
         self.labels = torch.cat([t["labels"] for t in targets])
         self.boxes = torch.cat([t["boxes"] for t in targets]).reshape(-1, 4)
 
-    def __call__(self, indices: Indices) -> _Match:
+    def _host_rows(self, indices: Indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image index of every pair and its GT index into the batch-wide concatenation of the targets (host)."""
         empty = torch.zeros(0, dtype=torch.int64)
         image_of = [torch.full((len(q),), i, dtype=torch.int64) for i, (q, _) in enumerate(indices)]
-        batch_idx = torch.cat(image_of + [empty]).to(self.device, non_blocking=True)
-        # GT indices into the batch-wide concatenation of the targets
-        gt_idx = torch.cat([g.cpu() + off for (_, g), off in zip(indices, self.offsets)] + [empty])
-        gt_idx = gt_idx.to(self.device, non_blocking=True)
-        query_idx = torch.cat([q.to(self.device).long() for q, _ in indices] + [empty.to(self.device)])
+        image_of = torch.cat(image_of + [empty])
+        gt_idx = torch.cat([g.cpu().long() + off for (_, g), off in zip(indices, self.offsets)] + [empty])
+        return image_of, gt_idx
+
+    def _match(self, batch_idx: torch.Tensor, query_idx: torch.Tensor, gt_idx: torch.Tensor) -> _Match:
         return _Match(batch_idx, query_idx, self.labels[gt_idx], self.boxes[gt_idx], int(batch_idx.numel()))
+
+    def many(self, index_sets: list[Indices]) -> list[_Match]:
+        """Host matchings (from the matcher) -> device matches, with a single host-to-device copy."""
+        packed = []
+        for indices in index_sets:
+            image_of, gt_idx = self._host_rows(indices)
+            queries = torch.cat([q.long() for q, _ in indices] + [torch.zeros(0, dtype=torch.int64)])
+            packed.append(torch.stack([image_of, queries, gt_idx]))
+        lengths = [p.shape[1] for p in packed]
+        on_device = torch.cat(packed, 1).to(self.device, non_blocking=True)
+        return [self._match(*block.unbind(0)) for block in on_device.split(lengths, 1)]
+
+    def __call__(self, indices: Indices) -> _Match:
+        """One matching whose query indices may already live on the device (denoising)."""
+        image_of, gt_idx = self._host_rows(indices)
+        rows = torch.stack([image_of, gt_idx]).to(self.device, non_blocking=True)
+        queries = torch.cat([q.to(self.device).long() for q, _ in indices] + [rows.new_zeros(0)])
+        return self._match(rows[0], queries, rows[1])
 
 
 # ---------------------------------------------------------------------------------------------------- builders

@@ -413,7 +413,8 @@ class FDRDecoder(nn.Module):
         self.up, self.reg_scale, self.reg_max = up, reg_scale, reg_max
         narrow = self.eval_idx + 1
         self.layers = nn.ModuleList(
-            [_clone(decoder_layer) for _ in range(narrow)] + [_clone(decoder_layer_wide) for _ in range(num_layers - narrow)]
+            [_clone(decoder_layer) for _ in range(narrow)]
+            + [_clone(decoder_layer_wide) for _ in range(num_layers - narrow)]
         )
         lqe = LQE(4, 64, 2, reg_max, act=act)
         self.lqe_layers = nn.ModuleList(_clone(lqe) for _ in range(num_layers))
@@ -528,7 +529,9 @@ class FDRTransformerBase(nn.Module):
         if len(feat_channels) > num_levels:
             raise ValueError(f"feat_channels={list(feat_channels)} has more entries than num_levels={num_levels}")
         if len(feat_strides) != len(feat_channels):
-            raise ValueError(f"feat_strides={list(feat_strides)} and feat_channels={list(feat_channels)} differ in length")
+            raise ValueError(
+                f"feat_strides={list(feat_strides)} and feat_channels={list(feat_channels)} differ in length"
+            )
         if not -num_layers <= eval_idx < num_layers:
             raise ValueError(f"eval_idx={eval_idx} is out of range for num_layers={num_layers}")
         _check_choice("query_select_method", query_select_method, QUERY_SELECT_METHODS)
@@ -537,6 +540,7 @@ class FDRTransformerBase(nn.Module):
         while len(strides) < num_levels:
             strides.append(strides[-1] * 2)
         self.hidden_dim = hidden_dim
+        self.feat_channels = list(feat_channels)
         self.feat_strides = strides
         self.num_levels = num_levels
         self.num_classes = num_classes
@@ -586,6 +590,9 @@ class FDRTransformerBase(nn.Module):
 
     def _flatten_features(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, list[list[int]]]:
         """Project the encoder maps and flatten them: ``B x L x C`` memory and ``[[H_l, W_l], ...]``."""
+        if len(feats) != len(self.feat_channels):
+            raise ValueError(f"expected {len(self.feat_channels)} feature maps (feat_channels={self.feat_channels}), "
+                             f"got {len(feats)}")
         maps = [proj(f) for proj, f in zip(self.input_proj, feats)]
         for i in range(len(maps), self.num_levels):
             # extra levels: the first comes from the raw last map, later ones from the previous extra level
@@ -677,7 +684,8 @@ class FDRTransformerBase(nn.Module):
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "pred_corners": corners[-1],
                "ref_points": refs[-1], "up": self.up, "reg_scale": self.reg_scale}
         if self.aux_loss:
-            out["aux_outputs"] = _layer_outputs(logits[:-1], boxes[:-1], corners[:-1], refs[:-1], corners[-1], logits[-1])
+            out["aux_outputs"] = _layer_outputs(logits[:-1], boxes[:-1], corners[:-1], refs[:-1], corners[-1],
+                                                logits[-1])
             out["enc_aux_outputs"] = [{"pred_logits": s, "pred_boxes": b} for s, b in zip(enc_logits, enc_boxes)]
             out["pre_outputs"] = {"pred_logits": pre_logits, "pred_boxes": pre_boxes}
             out["enc_meta"] = {"class_agnostic": self.query_select_method == "agnostic"}

@@ -57,7 +57,7 @@ def _unwrap_state_dict(obj: object, path: str) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict):
         raise TypeError(f"{path} does not hold a state dict (got {type(obj).__name__})")
     for wrapper in ("model", "state_dict"):
-        if wrapper in obj and isinstance(obj[wrapper], dict) and not torch.is_tensor(obj[wrapper]):
+        if isinstance(obj.get(wrapper), dict):
             return obj[wrapper]
     return obj
 

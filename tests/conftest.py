@@ -7,9 +7,9 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 import torch  # noqa: E402
 
-# Two xdist workers share two cores: one thread each avoids oversubscription.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
+# Tests use tiny models: one thread each avoids oversubscription (xdist runs two workers on two cores) and
+# makes float reductions independent of the machine's core count.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

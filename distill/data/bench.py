@@ -36,6 +36,7 @@ def bench(cfg: DataConfig, n: int = 64, seed: int = 0) -> dict[str, dict[str, fl
     collate = Collator(cfg, train=True)
     tf = ds.transforms
     tf.profile = True
+    tf.ops["mosaic"].warm(ds)
     out = {}
     for stage, epoch in stage_epochs(cfg).items():
         random.seed(seed)

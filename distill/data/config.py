@@ -4,7 +4,8 @@ The engine validates the ``data:`` section of a training YAML strictly against t
 the pipeline reads lives here. Nested sections (``mosaic``, ``mixup``, ``copyblend``) are dataclasses too.
 
 Per-scale presets (SPEC §2) live in :data:`PRESETS`; ``preset: deimv2_s`` in a config fills in the
-preset's values for every field the config leaves at its default (:func:`resolve_config`).
+preset's values for every field the config leaves at its default (:func:`resolve_config`). A field set
+explicitly to the dataclass default is indistinguishable from an unset one, so the preset wins there.
 
 Epoch semantics (SPEC §1.7), with ``policy_epochs = [e0, e1, e2]``:
     epoch < e0        no policy ops (Mosaic, photometric, zoom-out, IoU crop): the "DataAug warm-up"
@@ -215,17 +216,29 @@ def _validate(cfg: DataConfig) -> None:
          "mosaic.scale, copyblend.expand_ratios and zoom_out_side_range are [lo, hi] pairs")
 
 
+def _read_yaml(path: str) -> dict[str, Any]:
+    """A YAML mapping; through the engine's loader when it is there, so that ``include:`` stacks resolve."""
+    try:
+        from distill.config import load_yaml
+    except ImportError:  # the data package also works on its own
+        load_yaml = None
+    if load_yaml is not None:
+        return load_yaml(path)
+    import yaml
+
+    with open(path) as f:
+        doc = yaml.safe_load(f) or {}
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    return doc
+
+
 def load_data_config(config: str | None = None, data_dir: str | None = None, **overrides: Any) -> DataConfig:
     """DataConfig from a YAML file (its ``data:`` section, or the whole file when it has none) and/or a
     dataset directory (``--data DIR`` sets ``synth``); ``overrides`` (non-None values) win. Resolved."""
     d: dict[str, Any] = {}
     if config:
-        import yaml
-
-        with open(config) as f:
-            doc = yaml.safe_load(f) or {}
-        if not isinstance(doc, dict):
-            raise ValueError(f"{config}: expected a mapping at the top level")
+        doc = _read_yaml(config)
         d = dict(doc.get("data", doc))
     if data_dir:
         d.update(synth=data_dir, train_images="", train_ann="", val_images="", val_ann="")

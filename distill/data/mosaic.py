@@ -44,6 +44,13 @@ class Mosaic:
             self.cache.pop(random.randrange(len(self.cache) - 1))  # never the newest
         return [(im, {k: v.clone() for k, v in t.items()}) for im, t in random.choices(self.cache, k=3)]
 
+    def warm(self, dataset: Any, n: int | None = None) -> None:
+        """Fill the cache with ``n`` (default: cache_size) random samples, as after some training steps; for
+        pictures and benchmarks (a fresh cache makes the first mosaics repeat one tile)."""
+        if self.use_cache:
+            for i in random.choices(range(len(dataset)), k=min(n or self.cache_size, self.cache_size)):
+                self.cache.append(self.resize(*dataset.load_item(i)))
+
     def place(self, tiles: list[Sample]) -> Sample:
         """Paste 4 tiles into the quadrants; boxes shifted by the tile's offset; other per-object keys joined.
         The target keeps 'image_id' and 'orig_size' of the first tile."""

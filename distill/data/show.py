@@ -52,6 +52,7 @@ def render_batch(cfg: DataConfig, epoch: int, n: int = 8, seed: int = 0) -> Imag
     torch.manual_seed(seed)
     ds = build_dataset(cfg, "train")
     ds.set_epoch(epoch)
+    ds.transforms.ops["mosaic"].warm(ds, min(len(ds), 16))
     collate = Collator(cfg, train=True)
     collate.set_epoch(epoch)
     idx = random.sample(range(len(ds)), min(n, len(ds)))

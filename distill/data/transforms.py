@@ -69,7 +69,11 @@ def finish(image: Any, target: dict[str, Any], normalize: bool) -> tuple[torch.T
     if normalize:
         img = T.functional.normalize(img, list(IMAGENET_MEAN), list(IMAGENET_STD))
     h, w = img.shape[-2:]
-    boxes = box_convert(target["boxes"].as_subclass(torch.Tensor), "xyxy", "cxcywh")
+    xyxy = target["boxes"].as_subclass(torch.Tensor)
+    # soft-clamped boxes may overhang the canvas after an affine warp; the targets must stay in [0, 1]
+    xyxy = torch.stack([xyxy[:, 0].clamp(0, w), xyxy[:, 1].clamp(0, h), xyxy[:, 2].clamp(0, w),
+                        xyxy[:, 3].clamp(0, h)], dim=1)
+    boxes = box_convert(xyxy, "xyxy", "cxcywh")
     out = dict(target)
     out["boxes"] = boxes / torch.tensor([w, h, w, h], dtype=torch.float32)
     return img.as_subclass(torch.Tensor), out

@@ -119,7 +119,8 @@ class EpochProbe(CocoDetection):
 
     def __getitem__(self, idx):
         return torch.zeros(1), {"dataset_epoch": torch.tensor(self.epoch),
-                                "worker": torch.tensor(torch.utils.data.get_worker_info().id), "pid": torch.tensor(os.getpid())}
+                                "worker": torch.tensor(torch.utils.data.get_worker_info().id),
+                                "pid": torch.tensor(os.getpid())}
 
 
 class CollateProbe:

@@ -1,7 +1,6 @@
 """DEIMCriterion (students/criterion.py) on synthetic outputs in the official decoder format."""
 
 import math
-import os
 
 import pytest
 import torch
@@ -130,6 +129,13 @@ def test_full_call_per_family(name, cls, corners, local):
             assert t.grad is None
             continue
         assert t.grad is not None and t.grad.abs().sum() > 0, k
+
+
+def test_eval_format_outputs_give_the_main_terms_only():
+    targets = _targets([2, 1])
+    out, _ = make_outputs(targets)
+    losses = build_criterion("deim_dfine", num_classes=K)({k: out[k] for k in ("pred_logits", "pred_boxes")}, targets)
+    assert set(losses) == {"loss_mal", "loss_bbox", "loss_giou"}
 
 
 def test_caller_dicts_are_not_mutated():
@@ -323,7 +329,6 @@ def test_weight_override_scales_its_term():
 
 def test_num_boxes_is_averaged_over_processes(tmp_path):
     assert _normalisers([0, 3], torch.device("cpu")).tolist() == [1.0, 3.0]  # clamped >= 1
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
@@ -383,8 +388,50 @@ def test_bad_names_and_values_fail_loudly():
         build_criterion("deimv2_q")
     with pytest.raises(ValueError, match="unknown criterion override 'lr'"):
         build_criterion("deimv2", lr=1.0)
+    targets = _targets([1])
+    out, _ = make_outputs(targets, corners=False)
+    with pytest.raises(ValueError, match="num_classes=80"):
+        build_criterion("deim_rtdetrv2")(out, targets)
     with pytest.raises(ValueError, match="unknown losses"):
         build_criterion("deimv2", losses=["mal", "distill"])
     assert resolve_family("deim_rtdetrv2_r18") == ("deim_rtdetrv2", "r18")
     assert resolve_family("deimv2_hgnetv2_l") == ("deimv2", "hgnetv2_l")
     assert build_criterion("deimv2_hgnetv2_l").matcher.matcher_change_epoch == 45
+
+
+# ---------------------------------------------------------------------------------------------------- decoders
+
+_TINY_DECODER = dict(num_classes=K, hidden_dim=32, num_queries=12, feat_channels=[32, 32], feat_strides=[16, 32],
+                     num_levels=2, num_points=[4, 2], nhead=4, num_layers=3, dim_feedforward=48, num_denoising=12,
+                     activation="silu", mlp_act="silu", eval_spatial_size=[128, 128])
+
+
+def _decoder(kind):
+    if kind == "dfine":
+        from students.dfine_decoder import DFINETransformer as cls
+    elif kind == "deimv2":
+        from students.deimv2_decoder import DEIMTransformer as cls
+    else:
+        from students.rtdetrv2_decoder import RTDETRTransformerv2 as cls
+    model = cls(**_TINY_DECODER).train()
+    with torch.no_grad():  # move off the zero / prior init so every head gets a gradient
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("kind,name,corners", [("dfine", "deim_dfine", True), ("deimv2", "deimv2_s", True),
+                                               ("rtdetrv2", "deim_rtdetrv2", False)])
+def test_tiny_decoder_training_output_backpropagates(kind, name, corners):
+    model = _decoder(kind)
+    targets = _targets([2, 1])
+    out = model([torch.randn(2, 32, 8, 8), torch.randn(2, 32, 4, 4)], targets)
+    losses = build_criterion(name, num_classes=K)(out, targets, epoch=0)
+    assert set(losses) == expected_keys("loss_mal", corners)
+    total = sum(losses.values())
+    assert torch.isfinite(total) and total.item() > 0
+    total.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    for head in ("dec_score_head", "dec_bbox_head", "enc_score_head", "enc_bbox_head"):
+        assert sum(g.abs().sum() for n, g in grads.items() if n.startswith(head)) > 0, head

@@ -46,21 +46,30 @@ def test_forward_train_step_and_deploy(name):
     for group, params in model.component_groups().items():
         assert sum(p.grad.abs().sum() for p in params) > 0, f"group {group} got only zero gradients"
 
-    # eval: finite boxes in [0, 1], scores in [0, 1]; deploy leaves the outputs unchanged (fp32 rounding of the
-    # conv-BN / RepVGG fusion, amplified through the random-init network, stays far below these tolerances)
+    # eval: finite boxes in [0, 1], scores in [0, 1]
     model.eval()
-    with torch.no_grad():
+    levels = [t for t in model.taps if t.startswith("P")]
+    with torch.no_grad(), model.capture(levels) as feats:
         out = model(images)
+        before = dict(feats)
     logits, boxes = out["pred_logits"], out["pred_boxes"]
     assert logits.shape == (2, QUERIES[name], 80) and boxes.shape == (2, QUERIES[name], 4)
     assert torch.isfinite(boxes).all() and boxes.min() >= 0 and boxes.max() <= 1
     scores = logits.sigmoid()
     assert torch.isfinite(scores).all() and scores.min() >= 0 and scores.max() <= 1
+
+    # deploy (conv-BN / RepVGG fusion) leaves the encoder maps unchanged up to fp32 rounding; at random init many
+    # encoder scores are near-ties, so that rounding may swap a few of the top-k queries: the decoder outputs are
+    # compared element-wise with a small allowance for such swaps
     model.deploy()
-    with torch.no_grad():
+    with torch.no_grad(), model.capture(levels) as feats:
         deployed = model(images)
-    torch.testing.assert_close(deployed["pred_logits"], logits, atol=5e-3, rtol=1e-3)
-    torch.testing.assert_close(deployed["pred_boxes"], boxes, atol=1e-3, rtol=1e-3)
+    for level in levels:
+        torch.testing.assert_close(feats[level], before[level], atol=1e-4, rtol=1e-4)
+    close = torch.isclose(deployed["pred_boxes"], boxes, atol=1e-3, rtol=1e-3)
+    assert close.float().mean() > 0.98
+    close = torch.isclose(deployed["pred_logits"], logits, atol=5e-3, rtol=1e-3)
+    assert close.float().mean() > 0.98
 
     # postprocess: absolute xyxy inside the (w, h) frame given
     dets = model.postprocess(deployed, torch.tensor([[size * 2, size]] * 2))

@@ -98,7 +98,7 @@ def test_state_dict_matches_official(name):
 
 def test_reg_scale_8_and_wider_features_build_input_proj():
     # DEIM-D-FINE-X: encoder width 384 -> 1x1 conv + BN projections to 256; reg_scale 8
-    model = DFINETransformer(**dict(_BASE, feat_channels=[384, 384, 384], reg_scale=8))
+    model = DFINETransformer(**dict(_BASE, feat_channels=[384, 384, 384], reg_scale=8, num_layers=1))
     sd = model.state_dict()
     assert sd["input_proj.0.conv.weight"].shape == (256, 384, 1, 1)
     assert sd["input_proj.2.norm.running_mean"].shape == (256,)
@@ -112,6 +112,8 @@ def test_bad_settings_fail_loudly():
         DFINETransformer(**dict(TINY, cross_attn_method="bilinear"))
     with pytest.raises(ValueError, match="num_levels"):
         DFINETransformer(**dict(TINY, num_points=[4, 4]))
+    with pytest.raises(ValueError, match="expected 2 feature maps"):
+        DFINETransformer(**TINY).eval()(tiny_feats()[:1])
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,385 @@
+"""ONNX export of a trained student, and the check that distillation leaves no trace in the deployed model.
+
+The exported graph (``distill export``) is the student alone, from the EMA weights, after ``deploy()`` (RepVGG /
+conv-BN fusion, decoder cut at ``eval_idx``, auxiliary heads dropped), followed by the top-k post-processing:
+
+* input ``images``: ``B x 3 x H x W`` float32 in [0, 1] (DEIMv2 ViT scales normalise inside the graph). H x W is
+  fixed at export: the deployed decoder's anchors and the AIFI position table are precomputed for it. B is dynamic
+  with ``dynamic_batch``.
+* optional input ``orig_target_sizes`` (``orig_sizes=True``, the official DEIM/DEIMv2 interface): ``B x 2`` int64
+  as (width, height); boxes then come back in that frame. Without it (the default) boxes are in the pixels of the
+  input image, so a caller that letterboxes or resizes rescales them itself.
+* outputs ``labels`` ``B x k`` int64, ``boxes`` ``B x k x 4`` float32 absolute xyxy, ``scores`` ``B x k`` float32,
+  with ``k = num_top_queries`` (300), sorted by score.
+
+We use the TorchScript exporter (``dynamo=False``). The dynamo exporter needs ``onnxscript``, which is not part of
+the environment, and the official repositories switched to ``dynamo=False`` as well (DEIMv2 issue #101).
+
+Dynamic batch: the official export fails for batch > 1 (DEIM issue #55) because a python branch on the batch size
+(anchor repeat) is frozen at trace time. Our decoder has no such branch (anchors are broadcast with ``expand``),
+and we trace at batch 2, so no dimension of size 1 can be specialised; the tests run batches 1 and 3 through one
+file.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "INPUT_NAMES",
+    "OUTPUT_NAMES",
+    "ExportModel",
+    "compare_run",
+    "export_onnx",
+    "load_student",
+    "onnx_initializers",
+    "onnx_session",
+    "prepare_for_export",
+    "read_checkpoint",
+    "run_onnx",
+    "student_weights",
+    "verify_export",
+]
+
+INPUT_NAMES = ("images", "orig_target_sizes")
+OUTPUT_NAMES = ("labels", "boxes", "scores")
+# GridSample (deformable attention sampling) exists from opset 16 on
+MIN_OPSET = 16
+# persistent buffers that are a pure function of the input size (the decoder's eval-time anchors)
+SIZE_BUFFERS = ("decoder.anchors", "decoder.valid_mask")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints -> student
+# ---------------------------------------------------------------------------------------------------------------
+def read_checkpoint(path: str) -> dict:
+    """A checkpoint file, or a run directory (-> ``checkpoints/best.pt``), loaded on the CPU (weights only)."""
+    from .trained import resolve_checkpoint
+
+    path = resolve_checkpoint(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path}: expected a checkpoint dict, got {type(ckpt).__name__}")
+    return ckpt
+
+
+def student_weights(ckpt: dict) -> dict[str, torch.Tensor]:
+    """The student's state dict of a checkpoint: the EMA copy where saved (``ema.module``), else ``model``.
+
+    ``train_model`` (student + training-only ``injectors.*`` projectors) is never read: the deployable weights are
+    the student's own.
+    """
+    if isinstance(ckpt.get("ema"), dict) and "module" in ckpt["ema"]:
+        return dict(ckpt["ema"]["module"])
+    if isinstance(ckpt.get("model"), dict):
+        return dict(ckpt["model"])
+    raise KeyError(f"checkpoint has neither 'ema.module' nor 'model' weights (keys: {sorted(ckpt)[:12]})")
+
+
+def load_student(
+    checkpoint: str | dict,
+    *,
+    student: str | None = None,
+    num_classes: int | None = None,
+    input_size: tuple[int, int] | None = None,
+):
+    """(student with the checkpoint's weights, in eval mode and not yet deployed; the checkpoint dict).
+
+    ``student`` / ``num_classes`` are needed only for checkpoints that do not record them (official ``.pth``);
+    where both exist they must agree. ``input_size`` (H, W) defaults to the scale's ``eval_spatial_size``; at another
+    size the anchors stored in the checkpoint are rebuilt for the new size (they depend on nothing else).
+    """
+    from students import build_student
+
+    ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
+    name = ckpt.get("student") or student
+    if not name:
+        raise KeyError("the checkpoint does not name its student; pass --student NAME or a --config naming it")
+    if student and ckpt.get("student") and student != ckpt["student"]:
+        raise ValueError(f"--student/--config says {student!r} but the checkpoint holds {ckpt['student']!r}")
+    classes = ckpt.get("num_classes") or num_classes or 80
+    if num_classes and ckpt.get("num_classes") and num_classes != ckpt["num_classes"]:
+        raise ValueError(f"num_classes={num_classes} given but the checkpoint has {ckpt['num_classes']}")
+    model = build_student(name, num_classes=int(classes), input_size=input_size, check_taps=False)
+    weights = student_weights(ckpt)
+    own = model.state_dict()
+    for key in SIZE_BUFFERS:
+        if key in weights and key in own and weights[key].shape != own[key].shape:
+            weights[key] = own[key]
+    model.load_state_dict(weights)
+    return model.eval(), ckpt
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The exported module
+# ---------------------------------------------------------------------------------------------------------------
+class _DecomposedRMSNorm(nn.Module):
+    """Same function as ``students.decoder_blocks.RMSNorm``, in elementary ops. The TorchScript exporter has no
+    symbolic for ``aten::rms_norm`` (ONNX has RMSNormalization only from opset 23), so the DEIMv2 decoder's norms are
+    swapped for this in the export copy. Shares the original's ``scale`` parameter."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.eps = float(norm.eps)
+        self.scale = norm.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.type_as(x) * self.scale
+
+
+def _swap_rmsnorm(model: nn.Module) -> int:
+    from students.decoder_blocks import RMSNorm
+
+    swapped = 0
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, RMSNorm):
+                setattr(parent, child_name, _DecomposedRMSNorm(child))
+                swapped += 1
+    return swapped
+
+
+def prepare_for_export(student: nn.Module) -> nn.Module:
+    """A deployed copy of ``student`` (the argument is left untouched): ``deploy()``, tensor-output
+    post-processor, and exporter-friendly RMSNorm."""
+    model = copy.deepcopy(student).cpu()
+    if not getattr(model, "deployed", False):
+        model.deploy()
+    model.postprocessor.deploy()
+    _swap_rmsnorm(model)
+    return model.eval()
+
+
+class ExportModel(nn.Module):
+    """Deployed student + post-processor as one graph.
+
+    forward(images ``B x 3 x H x W`` in [0, 1], [orig_target_sizes ``B x 2`` (w, h)]) ->
+    (labels ``B x k`` int64, boxes ``B x k x 4`` xyxy pixels, scores ``B x k``).
+    """
+
+    def __init__(self, student: nn.Module, orig_sizes: bool = False):
+        super().__init__()
+        self.student = prepare_for_export(student)
+        self.orig_sizes = orig_sizes
+        h, w = self.student.input_size
+        # the input frame as a buffer (not torch.tensor inside forward) so the trace records it as a constant
+        self.register_buffer("input_wh", torch.tensor([[w, h]], dtype=torch.int64), persistent=False)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return tuple(self.student.input_size)
+
+    def forward(self, images: torch.Tensor, orig_target_sizes: torch.Tensor | None = None):
+        outputs = self.student(images)
+        if orig_target_sizes is None:
+            orig_target_sizes = self.input_wh.expand(images.shape[0], 2)
+        return self.student.postprocessor(outputs, orig_target_sizes)
+
+    def example_inputs(self, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        """Random [0, 1] images at the export size (and their orig sizes when the graph takes them)."""
+        gen = torch.Generator().manual_seed(seed)
+        images = torch.rand(batch, 3, *self.input_size, generator=gen)
+        if not self.orig_sizes:
+            return (images,)
+        h, w = self.input_size
+        sizes = torch.stack([torch.randint(w // 2, 2 * w, (batch,), generator=gen),
+                             torch.randint(h // 2, 2 * h, (batch,), generator=gen)], dim=1)
+        return images, sizes
+
+
+def export_onnx(
+    student: nn.Module,
+    path: str,
+    *,
+    dynamic_batch: bool = True,
+    opset: int = 17,
+    orig_sizes: bool = False,
+) -> ExportModel:
+    """Write the deployed ``student`` (see the module doc for the graph's inputs/outputs) to ``path``.
+
+    Returns the :class:`ExportModel` that was traced, the PyTorch reference for :func:`verify_export`.
+    """
+    import onnx
+
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset={opset} is too old: GridSample (deformable attention) needs opset >= {MIN_OPSET}")
+    model = ExportModel(student, orig_sizes=orig_sizes).eval()
+    # batch 2, never 1: a traced size-1 dimension could be specialised by broadcasting
+    inputs = model.example_inputs(batch=2)
+    input_names = list(INPUT_NAMES[: len(inputs)])
+    axes = {n: {0: "batch"} for n in input_names + list(OUTPUT_NAMES)} if dynamic_batch else None
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        # TracerWarnings come from python comparisons on spatial shapes (fixed in the export, so the frozen value is
+        # right) and the exporter's own deprecation notice; the batch dimension never reaches a python branch.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*Constant folding.*")
+        torch.onnx.export(
+            model, inputs, path, input_names=input_names, output_names=list(OUTPUT_NAMES), dynamic_axes=axes,
+            opset_version=opset, do_constant_folding=True, dynamo=False,
+        )
+    onnx.checker.check_model(onnx.load(path))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ONNX Runtime
+# ---------------------------------------------------------------------------------------------------------------
+def onnx_session(path: str, device: str = "cpu", threads: int | None = None):
+    """An ONNX Runtime session on the CPU, or CUDA (``device='cuda'``, needs onnxruntime-gpu)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if device == "cpu":
+        providers = ["CPUExecutionProvider"]
+    elif device.startswith("cuda"):
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ValueError(f"ONNX Runtime has no CUDA provider here (available: {ort.get_available_providers()})")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    else:
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    return ort.InferenceSession(path, options, providers=providers)
+
+
+def run_onnx(session, *inputs: torch.Tensor | np.ndarray) -> tuple[np.ndarray, ...]:
+    """Feed ``images`` (and ``orig_target_sizes``) to the session; returns (labels, boxes, scores)."""
+    names = [i.name for i in session.get_inputs()]
+    if len(inputs) != len(names):
+        raise ValueError(f"the ONNX model takes {names}, got {len(inputs)} input(s)")
+    feed = {n: (x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x) for n, x in zip(names, inputs)}
+    return tuple(session.run(list(OUTPUT_NAMES), feed))
+
+
+def _max_diffs(ref: tuple, got: tuple) -> dict[str, float]:
+    out = {}
+    for name, r, g in zip(OUTPUT_NAMES, ref, got):
+        r = r.detach().cpu().numpy() if isinstance(r, torch.Tensor) else np.asarray(r)
+        if r.shape != g.shape:
+            raise ValueError(f"output {name}: shape {g.shape} from ONNX Runtime, {r.shape} from PyTorch")
+        out[name] = float(np.abs(r.astype(np.float64) - g.astype(np.float64)).max()) if r.size else 0.0
+    return out
+
+
+@torch.no_grad()
+def verify_export(model: ExportModel, path: str, batches: tuple[int, ...] = (1, 3), seed: int = 0) -> dict:
+    """Run random images of each batch size through PyTorch (``model``) and ONNX Runtime (``path``).
+
+    Returns ``{batch: {'labels'|'boxes'|'scores': max |difference|}}``; labels differ only where two scores tie.
+    """
+    session = onnx_session(path)
+    result = {}
+    for i, batch in enumerate(batches):
+        inputs = model.example_inputs(batch, seed=seed + i)
+        result[batch] = _max_diffs(model(*inputs), run_onnx(session, *inputs))
+    return result
+
+
+def onnx_initializers(path: str) -> dict[str, np.ndarray]:
+    """Every weight stored in the ONNX file (initializers and Constant nodes), by name."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(path).graph
+    arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    arrays[node.output[0]] = numpy_helper.to_array(attr.t)
+    return arrays
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Zero overhead of distillation (`distill zoo --compare RUN_DIR`)
+# ---------------------------------------------------------------------------------------------------------------
+def _numel(state: dict[str, torch.Tensor], prefix: str = "") -> int:
+    return sum(v.numel() for k, v in state.items() if k.startswith(prefix) and torch.is_floating_point(v))
+
+
+@torch.no_grad()
+def compare_run(run_dir: str, input_size: tuple[int, int] | None = None, seed: int = 0) -> dict[str, Any]:
+    """Params, GFLOPs and outputs of a run's deployed student against an undistilled student with the same weights.
+
+    ``distilled`` is exported from the run's ``best.pt`` through :func:`load_student` (the path ``distill export``
+    takes); ``plain`` is a fresh ``build_student`` given only the student's state dict, never having met a
+    projector. Both are exported to ONNX and run by ONNX Runtime on the same random images. Expected: equal
+    params / GFLOPs / ONNX weights, ``max_abs_diff`` 0.0. ``distill_module_params`` counts the training-only
+    ``injectors.*`` tensors of ``last.pt`` (what deployment drops); 0 when the run did not distil.
+    """
+    import tempfile
+
+    from students import build_student
+    from students.flops import count_flops, count_params
+
+    from .trained import resolve_checkpoint
+
+    best_path = resolve_checkpoint(run_dir)
+    best = read_checkpoint(best_path)
+    distilled, _ = load_student(best, input_size=input_size)
+    plain = build_student(best["student"], num_classes=int(best["num_classes"]), input_size=distilled.input_size,
+                          check_taps=False)
+    plain.load_state_dict(distilled.state_dict())
+    plain.eval()
+
+    last_path = os.path.join(os.path.dirname(best_path), "last.pt")
+    train_state = read_checkpoint(last_path).get("train_model", {}) if os.path.isfile(last_path) else {}
+
+    report: dict[str, Any] = {
+        "run_dir": run_dir,
+        "checkpoint": best_path,
+        "student": best["student"],
+        "input_size": list(distilled.input_size),
+        "train_params": _numel(train_state) or None,
+        "distill_module_params": _numel(train_state, "injectors."),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        models, sessions = {}, {}
+        for tag, model in (("distilled", distilled), ("plain", plain)):
+            path = os.path.join(tmp, f"{tag}.onnx")
+            models[tag] = export_onnx(model, path)
+            sessions[tag] = onnx_session(path)
+            report[f"params_{tag}"] = count_params(models[tag].student)
+            report[f"gflops_{tag}"] = round(count_flops(models[tag].student) / 1e9, 4)
+            report[f"onnx_weights_{tag}"] = int(sum(a.size for a in onnx_initializers(path).values()
+                                                    if np.issubdtype(a.dtype, np.floating)))
+        inputs = models["plain"].example_inputs(batch=2, seed=seed)
+        got = {tag: run_onnx(s, *inputs) for tag, s in sessions.items()}
+        report["max_abs_diff"] = max(_max_diffs(got["plain"], got["distilled"]).values())
+        report["max_abs_diff_vs_pytorch"] = max(_max_diffs(models["plain"](*inputs), got["distilled"]).values())
+    report["zero_overhead"] = (report["params_distilled"] == report["params_plain"]
+                               and report["gflops_distilled"] == report["gflops_plain"]
+                               and report["onnx_weights_distilled"] == report["onnx_weights_plain"]
+                               and report["max_abs_diff"] == 0.0)
+    return report
+
+
+def format_comparison(report: dict[str, Any]) -> str:
+    """The :func:`compare_run` report as a few aligned lines."""
+    rows = [
+        ("", "distilled run", "undistilled"),
+        ("params (deployed)", report["params_distilled"], report["params_plain"]),
+        ("GFLOPs (deployed)", report["gflops_distilled"], report["gflops_plain"]),
+        ("ONNX weights", report["onnx_weights_distilled"], report["onnx_weights_plain"]),
+    ]
+    width = max(len(str(r[0])) for r in rows)
+    lines = [f"{report['student']} at {'x'.join(map(str, report['input_size']))} from {report['checkpoint']}"]
+    lines += [f"  {a:<{width}}  {b!s:>14}  {c!s:>14}" for a, b, c in rows]
+    lines.append(f"  training-only distillation params (last.pt injectors.*): {report['distill_module_params']}"
+                 + (f" of {report['train_params']} trained" if report["train_params"] else ""))
+    lines.append(f"  max |ONNX(run) - ONNX(undistilled)|: {report['max_abs_diff']:g}   "
+                 f"max |ONNX(run) - PyTorch(undistilled)|: {report['max_abs_diff_vs_pytorch']:.3g}")
+    lines.append(f"  zero overhead: {'yes' if report['zero_overhead'] else 'NO'}")
+    return "\n".join(lines)
