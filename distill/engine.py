@@ -250,6 +250,7 @@ class Trainer:
         self.best = {"AP": -1.0, "epoch": -1}
         self.wall_time = 0.0
         self.nonfinite_total = 0
+        self.history: list[dict] = []  # one record per finished epoch, as in metrics.jsonl
         if checkpoint is not None:
             self._restore(checkpoint)
         self.params = sum(p.numel() for p in self.student.parameters())
@@ -285,6 +286,7 @@ class Trainer:
         self.best = dict(ckpt["best"])
         self.wall_time = ckpt.get("wall_time_s", 0.0)
         self.nonfinite_total = ckpt.get("nonfinite_total", 0)
+        self.history = list(ckpt.get("history", []))
         rng = ckpt["rng"][min(self.accelerator.process_index, len(ckpt["rng"]) - 1)]
         set_rng_state(rng)
 
@@ -303,6 +305,7 @@ class Trainer:
             "best": self.best,
             "wall_time_s": self.wall_time,
             "nonfinite_total": self.nonfinite_total,
+            "history": self.history,
             "train_model": acc.unwrap_model(self.model).state_dict(),
             "model": self.student.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -434,14 +437,16 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         if self.main:
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+            with open(os.path.join(self.run_dir, "metrics.jsonl"), "w") as f:  # the history so far (resume)
+                f.writelines(json.dumps(r) + "\n" for r in self.history)
         stop_epoch = self.data_cfg.stop_epoch
         for epoch in range(self.epoch, cfg.schedule.epochs):
             if epoch == stop_epoch and epoch > 0:
                 self._stage_two(epoch)
             t0 = time.perf_counter()
-            record = {"epoch": epoch, "lr": self.optimizer.param_groups[0]["lr"]}
+            record = {"epoch": epoch}
             record.update(self.train_one_epoch(epoch))
-            record["lr"] = self.optimizer.param_groups[0]["lr"]
+            record["lr"] = self.optimizer.param_groups[-1]["lr"]  # the default group, at the base LR
             if self.distiller is not None:
                 record.update(self.distiller.end_epoch(epoch, stop_epoch))
             last = epoch == cfg.schedule.epochs - 1
@@ -454,15 +459,17 @@ class Trainer:
             improved = bool(metrics) and metrics["AP"] > self.best["AP"]
             if improved:
                 self.best = {"AP": metrics["AP"], "epoch": epoch}
+            self.history.append({k: _jsonable(v) for k, v in record.items()})
+            # Checkpoint first, log second: a metrics line on disk always has its checkpoint behind it, and a
+            # resume rewrites metrics.jsonl from the checkpoint's history, so no line is lost or doubled.
+            state = self._state(epoch)
             if self.main:
                 if improved:
                     atomic_save(self._weights(epoch, metrics), os.path.join(self.ckpt_dir, "best.pt"))
-                with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
-                self._print_epoch(record)
-            state = self._state(epoch)
-            if self.main:
                 atomic_save(state, os.path.join(self.ckpt_dir, "last.pt"))
+                with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(self.history[-1]) + "\n")
+                self._print_epoch(record)
             if cfg.tensorboard:
                 acc.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=epoch)
             acc.wait_for_everyone()

@@ -116,8 +116,8 @@ def scale_preset(scale: str) -> dict[str, float]:
 def gam_config_for(scale: str, **overrides) -> GAMConfig:
     """The official GAM settings of a scale as a :class:`GAMConfig` (enabled), with field overrides."""
     preset = scale_preset(scale)
-    fields = {"enabled": True, "rho": preset["rho"], "delta": preset["delta"], "default_weight": preset["default_weight"]}
-    return GAMConfig(**{**fields, **overrides}).validate()
+    values = {"enabled": True, **{k: preset[k] for k in ("rho", "delta", "default_weight")}}
+    return GAMConfig(**{**values, **overrides}).validate()
 
 
 def next_weight(cfg: GAMConfig, weight: float, ratio: float, epoch: int, stop_epoch: int | None) -> tuple[float, str]:

@@ -62,3 +62,26 @@ class PCABasis:
 def pca_rgb(grid: torch.Tensor) -> np.ndarray:
     """Fit-and-apply on a single grid: h x w x 3 in [0, 1]."""
     return PCABasis.fit(grid).rgb(grid)
+
+
+def foreground_mask(grids: list[torch.Tensor] | torch.Tensor) -> list[torch.Tensor]:
+    """Foreground positions from the first principal component of (teacher) features, the usual DINO trick.
+
+    grids: C x h x w each (or one B x C x h x w). One component is fitted on all positions of all grids; its sign
+    is chosen so that the image border, mostly background, falls on the negative side; positions above the mean
+    (projection > 0) are foreground. Returns one h x w bool mask per grid."""
+    if isinstance(grids, torch.Tensor):
+        grids = list(grids) if grids.dim() == 4 else [grids]
+    pca = PCA(n_components=1).fit(np.concatenate([_positions(g) for g in grids]))
+    scores = [torch.from_numpy(pca.transform(_positions(g))[:, 0]).reshape(g.shape[-2:]) for g in grids]
+    border = torch.cat([torch.cat([s[0], s[-1], s[:, 0], s[:, -1]]) for s in scores])
+    sign = -1.0 if border.mean() > 0 else 1.0
+    return [sign * s > 0 for s in scores]
+
+
+def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """h x w bool mask -> size, nearest neighbour (masks from a teacher grid applied to a student tap)."""
+    if tuple(mask.shape[-2:]) == tuple(size):
+        return mask.bool()
+    m = torch.nn.functional.interpolate(mask.float()[None, None], size=tuple(size), mode="nearest")
+    return m[0, 0].bool()

@@ -14,6 +14,7 @@ API for the engine
                                                            and the DistributedSampler
     build_evaluator(dataset) -> CocoEvaluator              (distill/evaluator.py)
     infer_num_classes(cfg) -> int
+    make_loader(dataset, collate_fn, shared_epoch, ...) -> DetDataLoader   the wiring, for custom datasets
 
 The per-rank batch size is ``cfg.batch_size``; under torch.distributed a DistributedSampler shards the data.
 """
@@ -35,7 +36,7 @@ from .transforms import TrainTransform, ValTransform
 __all__ = [
     "PRESETS", "CocoDetection", "CocoEvaluator", "Collator", "DataConfig", "DetDataLoader", "SharedEpoch",
     "TrainTransform", "ValTransform", "build_dataloader", "build_dataset", "build_evaluator", "config_from_dict",
-    "infer_num_classes", "resolve_config",
+    "infer_num_classes", "make_loader", "resolve_config",
 ]
 
 

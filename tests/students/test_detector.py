@@ -24,16 +24,40 @@ def _targets():
     ]
 
 
+# declared taps (channels, stride) from SPEC 2.1 / 2.3: backbone outputs and the encoder's hidden width
+TAPS = {
+    "deim_dfine_n": {"S4": (512, 16), "S5": (1024, 32), "F5": (128, 32), "P4": (128, 16), "P5": (128, 32)},
+    "deimv2_atto": {"S4": (256, 16), "F5": (64, 32), "P4": (64, 16), "P5": (64, 32)},
+    "deimv2_femto": {"S4": (512, 16), "F5": (96, 32), "P4": (96, 16), "P5": (96, 32)},
+    "deimv2_pico": {"S4": (512, 16), "F5": (112, 32), "P4": (112, 16), "P5": (112, 32)},
+    "deimv2_n": {"S4": (512, 16), "S5": (1024, 32), "F5": (128, 32), "P4": (128, 16), "P5": (128, 32)},
+}
+
+
+def _rows_matched(a: dict, b: dict) -> float:
+    """Share of b's queries (box + logits) that have a near-identical query in a, per image."""
+    rows_a = torch.cat([a["pred_boxes"], a["pred_logits"]], -1)
+    rows_b = torch.cat([b["pred_boxes"], b["pred_logits"]], -1)
+    dist = torch.cdist(rows_b, rows_a, p=float("inf")).amin(-1)  # largest element difference
+    return (dist < 5e-3).float().mean().item()
+
+
 @pytest.mark.parametrize("name", list(SMALL))
-def test_forward_train_step_and_deploy(name):
+def test_forward_train_step_taps_and_deploy(name):
     size = SMALL[name]
     model = build_student(name, input_size=(size, size))
+    assert {n: (t.channels, t.stride) for n, t in model.taps.items()} == TAPS[name]
     images = torch.rand(2, 3, size, size)
 
-    # train step with the real criterion: finite loss, a gradient for every trainable parameter
+    # train step with the real criterion: finite loss, a gradient for every trainable parameter; the taps keep
+    # the autograd graph (distillation backpropagates through F5)
     model.train()
     targets = _targets()
-    outputs = model(images, targets)
+    with model.capture(model.taps) as feats:
+        outputs = model(images, targets)
+    for tap, (c, s) in TAPS[name].items():
+        assert feats[tap].shape == (2, c, size // s, size // s), tap
+    assert feats["F5"].requires_grad
     assert {"pred_logits", "pred_boxes", "aux_outputs", "dn_outputs", "dn_meta"} <= set(outputs)
     losses = build_criterion(name, num_classes=80)(outputs, targets)
     loss = sum(losses.values())
@@ -46,12 +70,13 @@ def test_forward_train_step_and_deploy(name):
     for group, params in model.component_groups().items():
         assert sum(p.grad.abs().sum() for p in params) > 0, f"group {group} got only zero gradients"
 
-    # eval: finite boxes in [0, 1], scores in [0, 1]
+    # eval: finite boxes in [0, 1], scores in [0, 1]; hooks are gone after the context
     model.eval()
     levels = [t for t in model.taps if t.startswith("P")]
-    with torch.no_grad(), model.capture(levels) as feats:
+    stale = feats["F5"]
+    with torch.no_grad(), model.capture(levels) as before:
         out = model(images)
-        before = dict(feats)
+    assert feats["F5"] is stale
     logits, boxes = out["pred_logits"], out["pred_boxes"]
     assert logits.shape == (2, QUERIES[name], 80) and boxes.shape == (2, QUERIES[name], 4)
     assert torch.isfinite(boxes).all() and boxes.min() >= 0 and boxes.max() <= 1
@@ -59,48 +84,20 @@ def test_forward_train_step_and_deploy(name):
     assert torch.isfinite(scores).all() and scores.min() >= 0 and scores.max() <= 1
 
     # deploy (conv-BN / RepVGG fusion) leaves the encoder maps unchanged up to fp32 rounding; at random init many
-    # encoder scores are near-ties, so that rounding may swap a few of the top-k queries: the decoder outputs are
-    # compared element-wise with a small allowance for such swaps
+    # encoder scores are near-ties, so that rounding may reorder or swap a few top-k queries: decoder outputs are
+    # compared as sets of queries
     model.deploy()
-    with torch.no_grad(), model.capture(levels) as feats:
+    with torch.no_grad(), model.capture(levels) as after:
         deployed = model(images)
     for level in levels:
-        torch.testing.assert_close(feats[level], before[level], atol=1e-4, rtol=1e-4)
-    close = torch.isclose(deployed["pred_boxes"], boxes, atol=1e-3, rtol=1e-3)
-    assert close.float().mean() > 0.98
-    close = torch.isclose(deployed["pred_logits"], logits, atol=5e-3, rtol=1e-3)
-    assert close.float().mean() > 0.98
+        torch.testing.assert_close(after[level], before[level], atol=1e-4, rtol=1e-4)
+    assert _rows_matched(out, deployed) > 0.95
 
     # postprocess: absolute xyxy inside the (w, h) frame given
     dets = model.postprocess(deployed, torch.tensor([[size * 2, size]] * 2))
     assert len(dets) == 2 and dets[0]["boxes"].shape[-1] == 4
     assert dets[0]["boxes"][:, 0::2].max() <= size * 2 and dets[0]["boxes"][:, 1::2].max() <= size
     assert dets[0]["scores"].shape == dets[0]["labels"].shape
-
-
-@pytest.mark.parametrize("name, expected", [
-    ("deim_dfine_n", {"S4": (512, 16), "S5": (1024, 32), "F5": (128, 32), "P4": (128, 16), "P5": (128, 32)}),
-    ("deimv2_atto", {"S4": (256, 16), "F5": (64, 32), "P4": (64, 16), "P5": (64, 32)}),
-])
-def test_taps_capture_shapes_and_keep_the_graph(name, expected):
-    # expected channels from SPEC 2.1 / 2.3 (backbone outputs, encoder hidden dim)
-    size = SMALL[name]
-    model = build_student(name, input_size=(size, size))
-    assert {n: (t.channels, t.stride) for n, t in model.taps.items()} == expected
-    images = torch.rand(2, 3, size, size)
-    with model.capture(list(expected)) as feats:
-        model.eval()
-        model(images)
-    for tap, (c, s) in expected.items():
-        assert feats[tap].shape == (2, c, size // s, size // s)
-    # F5 keeps the autograd graph (distillation backpropagates through it)
-    feats["F5"].square().mean().backward()
-    aifi = model.aifi_module()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in aifi.parameters())
-    # after the context the hooks are gone
-    old = feats["F5"]
-    model(images)
-    assert feats["F5"] is old
 
 
 def test_unknown_tap_lists_valid_names():

@@ -1,0 +1,225 @@
+"""Grids: expansion (product, zip, exclude, seeds), slugs and hashes, override strings, idempotent reruns with a
+fake runner, and collect / calibrate on fake run directories."""
+
+import argparse
+import csv
+import hashlib
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from distill import calibrate_cmd, collect_cmd, grid_cmd
+from distill.cli import main as cli_main
+from distill.grid import Manifest, expand, format_override, load_grid, run_grid, run_hash
+
+
+def _grid(tmp_path, **fields) -> Path:
+    (tmp_path / "base.yaml").write_text("epochs: 4\n")
+    data = {"base": "base.yaml", "output_dir": "out", **fields}
+    path = tmp_path / "GRID.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+TAPS = {"key": "distill.injections", "name": "taps", "values": [[{"tap": "F5"}], [{"tap": "a"}]]}
+WEIGHTS = {"key": "distill.injections.0.weight", "name": "w", "values": [5, 10, 20]}
+
+
+# ---- expansion -------------------------------------------------------------------------------------------------
+def test_product_with_seeds_and_exclude(tmp_path):
+    grid = load_grid(_grid(tmp_path, overrides={"epochs": 2}, axes=[TAPS, WEIGHTS], seeds=[0, 1],
+                           exclude=[{"taps": [{"tap": "a"}], "distill.injections.0.weight": 20}]))
+    assert grid.base == str(tmp_path / "base.yaml") and grid.output_dir == str(tmp_path / "out")
+    runs = expand(grid)
+    assert len(runs) == 2 * 3 * 2 - 2  # one (taps, w) cell dropped, with both its seeds
+    assert [r.values for r in runs[:3]] == [
+        {"taps": [{"tap": "F5"}], "w": 5, "seed": 0},
+        {"taps": [{"tap": "F5"}], "w": 5, "seed": 1},
+        {"taps": [{"tap": "F5"}], "w": 10, "seed": 0},
+    ]
+    assert not any(r.values["taps"] == [{"tap": "a"}] and r.values["w"] == 20 for r in runs)
+    first = runs[0]
+    assert first.overrides == {"epochs": 2, "distill.injections": [{"tap": "F5"}],
+                               "distill.injections.0.weight": 5, "seed": 0}
+    assert first.slug == "taps-F5_w-5_seed-0"
+    assert first.dirname == f"taps-F5_w-5_seed-0-{first.hash}"
+    assert runs[-1].slug == "taps-a_w-10_seed-1"
+    assert len({r.dirname for r in runs}) == len(runs)
+
+
+def test_zip_mode(tmp_path):
+    lr = {"key": "optimizer.lr", "values": [1e-4, 2e-4, 4e-4]}
+    runs = expand(load_grid(_grid(tmp_path, mode="zip", axes=[WEIGHTS, lr], seeds=[3])))
+    assert [(r.values["w"], r.values["lr"], r.values["seed"]) for r in runs] == [
+        (5, 1e-4, 3), (10, 2e-4, 3), (20, 4e-4, 3)]
+    assert runs[0].slug == "w-5_lr-0.0001_seed-3"
+    with pytest.raises(ValueError, match="equal length"):
+        load_grid(_grid(tmp_path, mode="zip", axes=[WEIGHTS, TAPS]))
+
+
+def test_grid_file_validation(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['axis'\]"):
+        load_grid(_grid(tmp_path, axis=[]))
+    with pytest.raises(ValueError, match="not axes"):
+        load_grid(_grid(tmp_path, axes=[WEIGHTS], exclude=[{"lr": 1}]))
+    with pytest.raises(ValueError, match="mode"):
+        load_grid(_grid(tmp_path, axes=[WEIGHTS], mode="random"))
+
+
+def test_hash_stable_and_order_free(tmp_path):
+    a = {"seed": 0, "distill.injections.0.weight": 5}
+    b = {"distill.injections.0.weight": 5, "seed": 0}
+    canonical = '{"distill.injections.0.weight":5,"seed":0}'
+    assert run_hash(a) == run_hash(b) == hashlib.sha256(canonical.encode()).hexdigest()[:8]
+    assert run_hash({**a, "seed": 1}) != run_hash(a)
+    # the same grid expands to the same directories every time
+    path = _grid(tmp_path, axes=[TAPS, WEIGHTS], seeds=[0])
+    assert [r.dirname for r in expand(load_grid(path))] == [r.dirname for r in expand(load_grid(path))]
+
+
+@pytest.mark.parametrize("value", ["F5", "yes", "1e-4", "a: b", 5, 0.0001, True, None, [1, 2],
+                                   [{"tap": "F5", "weight": 5}], {"enabled": True, "rho": 0.11}])
+def test_override_strings_read_back_by_yaml(value):
+    key, text = format_override("distill.x", value).split("=", 1)
+    assert key == "distill.x" and yaml.safe_load(text) == value
+
+
+# ---- running ---------------------------------------------------------------------------------------------------
+class FakeRunner:
+    """Records calls; fails the runs named in ``fail`` (once each); writes fake results."""
+
+    def __init__(self, fail=(), write=None):
+        self.calls, self.fail, self.write = [], set(fail), write
+
+    def __call__(self, config, overrides, output_dir):
+        self.calls.append((config, overrides, output_dir))
+        name = Path(output_dir).name
+        if any(name.startswith(f) for f in self.fail):
+            self.fail = {f for f in self.fail if not name.startswith(f)}
+            raise RuntimeError("out of memory")
+        if self.write:
+            self.write(dict(o.split("=", 1) for o in overrides), Path(output_dir))
+
+
+def test_idempotent_rerun(tmp_path):
+    grid = load_grid(_grid(tmp_path, axes=[WEIGHTS], seeds=[0]))
+    runner = FakeRunner(fail=["w-10"])
+    final = run_grid(grid, runner=runner, log=lambda _: None)
+    assert list(final.values()) == ["done", "failed", "done"]
+    config, overrides, out = runner.calls[0]
+    assert config == str(tmp_path / "base.yaml") and overrides == ["distill.injections.0.weight=5", "seed=0"]
+    assert out == str(tmp_path / "out" / expand(grid)[0].dirname)
+    manifest = Manifest(tmp_path / "out" / "manifest.jsonl")
+    failed = [r for r in manifest.records.values() if r["status"] == "failed"]
+    assert len(failed) == 1 and "out of memory" in failed[0]["error"] and failed[0]["start"] and failed[0]["end"]
+    # rerun: only the failed run runs again; then nothing runs
+    runner2 = FakeRunner()
+    assert set(run_grid(grid, runner=runner2, log=lambda _: None).values()) == {"done"}
+    assert [Path(c[2]).name.split("_")[0] for c in runner2.calls] == ["w-10"]
+    runner3 = FakeRunner()
+    run_grid(grid, runner=runner3, log=lambda _: None)
+    assert runner3.calls == []
+    lines = (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and all(json.loads(line)["status"] == "done" for line in lines)
+
+
+def test_grid_command_dry_run_and_exit_codes(tmp_path, capsys):
+    path = _grid(tmp_path, axes=[WEIGHTS])
+    assert cli_main(["grid", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "3 run(s)" in out and "w-20-" in out and "new" in out
+    assert not (tmp_path / "out" / "manifest.jsonl").exists()
+    args = argparse.Namespace(grid=str(path), dry_run=False, launcher="inprocess", launch_args="", output_dir=None,
+                              fail_fast=False)
+    assert grid_cmd.main(args, runner=FakeRunner(fail=["w-5"])) == 1
+    assert grid_cmd.main(args, runner=FakeRunner()) == 0
+    assert "3/3 run(s) done" in capsys.readouterr().out
+    assert cli_main(["grid", str(path), "--dry-run"]) == 0
+    table = capsys.readouterr().out.splitlines()[-3:]
+    assert [line.split()[1] for line in table] == ["done"] * 3
+
+
+# ---- collect and calibrate -------------------------------------------------------------------------------------
+# Fake training: AP per epoch rises by 0.01 from a start set by the weight and seed; the AIFI share depends on
+# the weight. Static weights (the distill_weight stays the configured value).
+START = {1: 0.40, 5: 0.46, 20: 0.44}
+RATIOS = {1: [0.02, 0.04], 5: [0.08, 0.10], 20: [0.20, 0.22]}
+
+
+def _write_run(overrides, out: Path):
+    w, seed = int(overrides["distill.injections.0.weight"]), int(overrides["seed"])
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for epoch in range(3):
+        ap = START[w] + 0.01 * epoch + 0.02 * seed
+        ratio = RATIOS[w][min(epoch, 1)] + 0.01 * seed
+        lines.append({"epoch": epoch, "AP": ap, "AP50": ap + 0.2, "AP75": ap + 0.05, "distill_weight": float(w),
+                      "aifi_grad_ratio": ratio, "grad_share/aifi": ratio, "grad_share/backbone": 1 - ratio})
+    (out / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    best = lines[-1]
+    (out / "summary.json").write_text(json.dumps({"best_AP": best["AP"], "best_epoch": 2, "wall_time_s": 600.0,
+                                                  "params": 1000}))
+
+
+@pytest.fixture
+def static_grid(tmp_path):
+    axes = [{"key": "distill.injections.0.weight", "name": "w", "values": [1, 5, 20]}]
+    grid = load_grid(_grid(tmp_path, axes=axes, seeds=[0, 1]))
+    run_grid(grid, runner=FakeRunner(write=_write_run), log=lambda _: None)
+    return Path(grid.output_dir)
+
+
+def test_collect_tables_and_plots(static_grid):
+    written = collect_cmd.collect(static_grid)
+    rows = list(csv.DictReader(open(written["csv"])))
+    assert len(rows) == 6
+    row = next(r for r in rows if r["w"] == "5" and r["seed"] == "1")
+    # epoch 2 of w=5, seed 1: AP = 0.46 + 0.02 + 0.02
+    assert float(row["best_AP"]) == pytest.approx(0.50) and float(row["AP50"]) == pytest.approx(0.70)
+    assert float(row["final_distill_weight"]) == 5.0
+    # shares of w=5, seed 1: 0.09, 0.11, 0.11
+    assert float(row["mean_aifi_grad_ratio"]) == pytest.approx((0.09 + 0.11 + 0.11) / 3)
+    assert float(row["wall_time_s"]) == 600.0 and row["status"] == "done"
+    md = written["md"].read_text()
+    # cell w=5 over seeds 0, 1: best AP 0.48 and 0.50
+    expected = f"{statistics.fmean([0.48, 0.50]):.4f} ± {statistics.stdev([0.48, 0.50]):.4f}"
+    assert expected == "0.4900 ± 0.0141"
+    cell = next(line for line in md.splitlines() if line.startswith("| 5 |"))
+    assert expected in cell and "2/2" in cell
+    for key in ("ap_plot", "gam_plot"):
+        pixels = np.asarray(Image.open(written[key]).convert("RGB"), dtype=np.float32)
+        assert pixels.shape[0] > 200 and pixels.std() > 5.0
+        assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 10  # lines in several colours, not a blank canvas
+
+
+def test_collect_two_axis_pivot(tmp_path):
+    axes = [{"key": "distill.injections.0.weight", "name": "w", "values": [1, 5]},
+            {"key": "model", "name": "model", "values": ["n", "s"]}]
+    grid = load_grid(_grid(tmp_path, axes=axes, seeds=[0]))
+    run_grid(grid, runner=FakeRunner(write=_write_run), log=lambda _: None)
+    md = collect_cmd.markdown(collect_cmd.load_results(grid.output_dir))
+    assert "## Best AP: w (rows) x model (columns)" in md
+    assert "| 5 | 0.4800 | 0.4800 |" in md  # w=5, seed 0: 0.46 + 0.02 in both model columns
+
+
+def test_calibrate(static_grid, capsys):
+    result = calibrate_cmd.calibrate(static_grid)
+    # best cell is w=5 (mean best AP 0.49 vs 0.43 / 0.47); its runs' mean shares: seed 0 (.08+.10+.10)/3,
+    # seed 1 (.09+.11+.11)/3
+    rho = statistics.fmean([(0.08 + 0.10 + 0.10) / 3, (0.09 + 0.11 + 0.11) / 3])
+    assert result["best_cell"] == {"w": 5} and result["best_weight"] == 5.0
+    assert result["rho"] == pytest.approx(rho) and result["delta"] == pytest.approx(0.1 * rho)
+    assert result["rho_percent"] == pytest.approx(100 * rho) and not result["warnings"]
+    # the no-aug stage left out: epochs >= 1 ignored
+    early = calibrate_cmd.calibrate(static_grid, delta_frac=0.05, stop_epoch=1)
+    assert early["rho"] == pytest.approx(statistics.fmean([0.08, 0.09]))
+    assert early["delta"] == pytest.approx(0.05 * early["rho"])
+    assert cli_main(["calibrate", str(static_grid)]) == 0
+    saved = json.loads((static_grid / "calibration.json").read_text())
+    assert saved["rho"] == pytest.approx(rho) and saved["gam"]["enabled"] is True
+    assert "rho = " in capsys.readouterr().out
