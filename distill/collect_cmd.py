@@ -72,8 +72,9 @@ def _text(v: Any) -> str:
     return json.dumps(v, separators=(",", ":"), default=str)
 
 
-def _fmt(x: float) -> str:
-    return f"{x:.4f}" if abs(x) < 1.5 else f"{x:.2f}"
+def _fmt(x: float, like: float | None = None) -> str:
+    """4 decimals for fractions (AP in [0, 1], shares), 2 above; ``like`` picks the precision (mean for std)."""
+    return f"{x:.4f}" if abs(x if like is None else like) < 1.5 else f"{x:.2f}"
 
 
 def mean_std(values: Sequence[float | None]) -> str:
@@ -83,7 +84,8 @@ def mean_std(values: Sequence[float | None]) -> str:
         return "–"
     if len(xs) == 1:
         return _fmt(xs[0])
-    return f"{_fmt(statistics.fmean(xs))} ± {_fmt(statistics.stdev(xs))}"
+    mean = statistics.fmean(xs)
+    return f"{_fmt(mean)} ± {_fmt(statistics.stdev(xs), like=mean)}"
 
 
 def write_csv(results: GridResults, path: Path) -> list[dict]:
@@ -163,8 +165,11 @@ def _figure(rows: int, width: float = 9.0, height: float = 4.2):
 
 
 def _finish(fig, axes, labels: int, path: Path) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes:
         ax.grid(True, alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.get_legend_handles_labels()[0]:
             outside = labels > 6
             ax.legend(fontsize=8 if outside else 9, loc="upper left" if outside else "best",

@@ -25,14 +25,7 @@ import yaml
 
 from .data.config import DataConfig
 
-try:
-    from .dsi import DistillConfig
-except ImportError:  # TEMPORARY until distill/dsi.py lands
-
-    @dataclass
-    class DistillConfig:  # type: ignore[no-redef]
-        teachers: dict[str, Any] = field(default_factory=dict)
-        injections: list[Any] = field(default_factory=list)
+from .dsi import DistillConfig
 
 
 class ConfigError(ValueError):
@@ -53,7 +46,7 @@ class ModelConfig:
 class ParamGroup:
     """Parameters whose name matches ``params`` (a regex, first matching group wins) get these settings."""
 
-    name: str = ""  # the group named 'backbone' takes optim.backbone_lr unless it sets its own lr
+    name: str = ""  # groups named 'backbone*' take optim.backbone_lr unless they set their own lr
     params: str = ""
     lr: float | None = None
     weight_decay: float | None = None
@@ -168,11 +161,23 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from err
         node = data
         parts = key.strip().split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[parts[-1]] = value
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(node, list):  # distill.injections.0.weight=5 indexes into a list
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override {item!r}: {part!r} is not an index of a {len(node)}-item list")
+                part = int(part)
+                if last:
+                    node[part] = value
+                else:
+                    node = node[part]
+                continue
+            if last:
+                node[part] = value
+            else:
+                if not isinstance(node.get(part), (dict, list)):
+                    node[part] = {}
+                node = node[part]
     return data
 
 
@@ -218,6 +223,9 @@ def _convert(value, tp, key: str):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected int, got {value!r}")
         return value
+    if tp is str and isinstance(value, bool):
+        # YAML 1.1 reads a bare `no` (e.g. mixed_precision=no) as false: take it back as the word meant
+        return "yes" if value else "no"
     if tp in (bool, str):
         if not isinstance(value, tp):
             raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")

@@ -18,6 +18,7 @@ backbone levels; we read it as (a)'s three levels plus F5, and offer ``b_s5`` = 
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -260,6 +261,11 @@ class Injectors(nn.Module):
                                  f"layer {inj.layer} is out of range")
             self.projectors[inj.name] = build_projector(inj.projector, _channels(taps[inj.tap]), int(dims[inj.layer]))
 
+    @property
+    def tap_names(self) -> list[str]:
+        """Student taps to capture, in injection order, each once."""
+        return list(dict.fromkeys(inj.tap for inj in self.injections.values()))
+
     def forward(self, taps: Mapping[str, torch.Tensor], teacher_grids: Mapping[str, Sequence[torch.Tensor]]) -> dict:
         """taps: name -> B x C x h x w (with graph); teacher_grids: teacher -> list of B x D x h' x w'.
         Returns injection name -> {``loss`` (unweighted, 0-d), ``cos``, ``teacher_norm`` (detached)}."""
@@ -326,10 +332,11 @@ class Distiller:
 
     Args:
         cfg: the ``distill`` config.
-        taps: student tap metadata (``Detector.taps``).
+        student: the student :class:`students.Detector` (its ``taps`` and ``component_groups()`` are used), or
+            just its tap metadata (name -> ``Tap`` or channels).
         teachers: teacher name -> loaded :class:`teachers.Teacher` (tests); by default loaded from ``cfg.teachers``.
-        groups: the student's GAM parameter groups (``Detector.component_groups()``). With them the gradient
-            shares are measured (and logged) even in static-weight runs; GAM needs them.
+        groups: GAM parameter groups; default ``student.component_groups()`` when a Detector is given. With them
+            the gradient shares are measured (and logged) even in static-weight runs; GAM needs them.
         device: where teachers and projectors live.
 
     Per step (engine)::
@@ -338,14 +345,14 @@ class Distiller:
         with student.capture(distiller.tap_names) as taps:
             outputs = student(images, targets)
         losses.update(distiller.losses(taps, grids))                # 'loss_distill' (+ '/name'), weighted
-        ... backward, unscale ...; distiller.measure()              # on gradient-sync steps
+        ... backward, unscale ...; distiller.after_backward()       # on gradient-sync steps
         metrics.update(distiller.end_epoch(epoch, stop_epoch))      # once per epoch
     """
 
     def __init__(
         self,
         cfg: DistillConfig,
-        taps: Mapping,
+        student: nn.Module | Mapping,
         *,
         teachers: Mapping[str, nn.Module] | None = None,
         groups: Mapping[str, Sequence[nn.Parameter]] | None = None,
@@ -353,6 +360,9 @@ class Distiller:
     ):
         self.cfg = cfg
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        taps = student.taps if hasattr(student, "taps") else student
+        if groups is None and hasattr(student, "component_groups"):
+            groups = student.component_groups()
         self.injections = resolve_injections(cfg)
         used = list(dict.fromkeys(inj.teacher for inj in self.injections))
         self.teachers = {name: self._load(name, teachers) for name in used}
@@ -380,8 +390,8 @@ class Distiller:
             from teachers import load_teacher
 
             spec = self.cfg.teachers[name]
-            spec = {"preset": spec} if isinstance(spec, str) else {"name": name, **dict(spec)}
-            teacher = load_teacher(spec)
+            # a string is a preset name, hub id or path (load_teacher tells them apart)
+            teacher = load_teacher(spec if isinstance(spec, str) else {"name": name, **dict(spec)})
         for p in teacher.parameters():
             p.requires_grad_(False)
         return teacher.eval().to(self.device)
@@ -391,6 +401,9 @@ class Distiller:
         if which in ("", None):
             return names[:1]
         if which == "all":
+            if len({self.weights[n] for n in names}) > 1:
+                raise ValueError(f"distill.gam.injection 'all' drives one shared weight, but the injections have "
+                                 f"different weights {self.weights}; give them equal weights")
             return names
         if which not in self.weights:
             raise ValueError(f"distill.gam.injection {which!r} is not an injection; valid: {names} or 'all'")
@@ -400,7 +413,7 @@ class Distiller:
     @property
     def tap_names(self) -> list[str]:
         """Student taps to capture, in injection order, each once."""
-        return list(dict.fromkeys(inj.tap for inj in self.injections))
+        return self.injectors.tap_names
 
     def teacher_features(self, images: torch.Tensor) -> dict[str, list[torch.Tensor]]:
         """images B x 3 x H x W in [0, 1] (the student's augmented batch) -> teacher -> list of B x D x h x w."""
@@ -427,9 +440,13 @@ class Distiller:
         return self.weigh(self.injectors(taps, teacher_grids))
 
     def measure(self, skip: bool | torch.Tensor = False) -> None:
-        """Record the gradient shares of this step (after backward + unscale, on gradient-sync steps)."""
+        """Record the gradient shares of this step (after backward + unscale, on gradient-sync steps). ``skip``:
+        see :meth:`GAM.measure` (non-finite gradients are dropped anyway)."""
         if self.gam is not None:
             self.gam.measure(skip)
+
+    after_backward = measure
+    weighted = weigh
 
     # ---- per epoch ---------------------------------------------------------------------------------------------
     def _key(self, base: str, name: str) -> str:
@@ -460,7 +477,8 @@ class Distiller:
             metrics.update({k: v for k, v in self.gam.last_metrics.items() if k != "distill_weight"})
             for name in self.driven:
                 self.weights[name] = new
-        return metrics
+        # NaN = nothing measured (e.g. an epoch without steps): left out rather than written as invalid JSON
+        return {k: v for k, v in metrics.items() if not math.isnan(v)}
 
     # ---- checkpointing -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -181,7 +181,7 @@ def build_data(cfg: TrainConfig):
 
 def build_distiller(cfg: TrainConfig, student, device):
     """The distillation side of a run (None without injections): teachers, projectors, GAM."""
-    if not cfg.distill.injections:
+    if not cfg.distill.enabled:
         return None
     from .dsi import Distiller
 
@@ -476,7 +476,8 @@ class Trainer:
         return self._finish()
 
     def _print_epoch(self, record: dict) -> None:
-        keys = ["epoch", "loss", "AP", "AP50", "lr", "images_per_s", "distill_weight", "aifi_grad_ratio"]
+        keys = ["epoch", "loss", "AP", "AP50", "lr", "images_per_s", "aifi_grad_ratio"]
+        keys += sorted(k for k in record if k.startswith("distill_weight"))
         parts = [f"{k} {record[k]:.4g}" if isinstance(record[k], float) else f"{k} {record[k]}"
                  for k in keys if k in record]  # fmt: skip
         print(" | ".join(parts), flush=True)

@@ -5,12 +5,13 @@ conv-BN fusion, decoder cut at ``eval_idx``, auxiliary heads dropped), followed 
 
 * input ``images``: ``B x 3 x H x W`` float32 in [0, 1] (DEIMv2 ViT scales normalise inside the graph). H x W is
   fixed at export: the deployed decoder's anchors and the AIFI position table are precomputed for it. B is dynamic
-  with ``dynamic_batch``.
+  with ``dynamic_batch``, else 1.
 * optional input ``orig_target_sizes`` (``orig_sizes=True``, the official DEIM/DEIMv2 interface): ``B x 2`` int64
   as (width, height); boxes then come back in that frame. Without it (the default) boxes are in the pixels of the
   input image, so a caller that letterboxes or resizes rescales them itself.
 * outputs ``labels`` ``B x k`` int64, ``boxes`` ``B x k x 4`` float32 absolute xyxy, ``scores`` ``B x k`` float32,
-  with ``k = num_top_queries`` (300), sorted by score.
+  with ``k = num_top_queries`` (300), sorted by score. Labels are the contiguous training indices 0..K-1 (the
+  checkpoint's ``class_names`` order), never remapped to COCO category ids, as in the official deploy mode.
 
 We use the TorchScript exporter (``dynamo=False``). The dynamo exporter needs ``onnxscript``, which is not part of
 the environment, and the official repositories switched to ``dynamo=False`` as well (DEIMv2 issue #101).
@@ -38,8 +39,11 @@ __all__ = [
     "ExportModel",
     "compare_run",
     "export_onnx",
+    "export_ok",
+    "format_comparison",
     "load_student",
     "match_detections",
+    "max_abs_diff",
     "onnx_initializers",
     "onnx_session",
     "prepare_for_export",
@@ -93,28 +97,39 @@ def load_student(
 ):
     """(student with the checkpoint's weights, in eval mode and not yet deployed; the checkpoint dict).
 
-    ``student`` / ``num_classes`` are needed only for checkpoints that do not record them (official ``.pth``);
-    where both exist they must agree. ``input_size`` (H, W) defaults to the scale's ``eval_spatial_size``; at another
-    size the anchors stored in the checkpoint are rebuilt for the new size (they depend on nothing else).
+    ``checkpoint``: a ``distill train`` checkpoint / run directory (records its student and classes), or an official
+    one (``{'ema': {'module': ...}}`` / ``{'model': ...}``), for which ``student`` names the scale and the
+    loading goes through :func:`students.checkpoint.load_official` (wrapper prefixes stripped, RT-DETRv4's
+    training-only ``encoder.feature_projector`` set aside). Where the checkpoint records ``student`` /
+    ``num_classes``, the arguments must agree. ``input_size`` (H, W) defaults to the scale's ``eval_spatial_size``;
+    at another size the anchors stored in the checkpoint are rebuilt for the new size (they depend on nothing else).
     """
     from students import build_student
+    from students.checkpoint import load_official
 
     ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
+    ours = bool(ckpt.get("student"))
     name = ckpt.get("student") or student
     if not name:
         raise KeyError("the checkpoint does not name its student; pass --student NAME or a --config naming it")
-    if student and ckpt.get("student") and student != ckpt["student"]:
+    if student and ours and student != ckpt["student"]:
         raise ValueError(f"--student/--config says {student!r} but the checkpoint holds {ckpt['student']!r}")
-    classes = ckpt.get("num_classes") or num_classes or 80
     if num_classes and ckpt.get("num_classes") and num_classes != ckpt["num_classes"]:
         raise ValueError(f"num_classes={num_classes} given but the checkpoint has {ckpt['num_classes']}")
-    model = build_student(name, num_classes=int(classes), input_size=input_size, check_taps=False)
+    classes = int(ckpt.get("num_classes") or num_classes or 80)
+    model = build_student(name, num_classes=classes, input_size=input_size, check_taps=False)
     weights = student_weights(ckpt)
     own = model.state_dict()
     for key in SIZE_BUFFERS:
         if key in weights and key in own and weights[key].shape != own[key].shape:
             weights[key] = own[key]
-    model.load_state_dict(weights)
+    if ours:
+        model.load_state_dict(weights)
+    else:
+        report = load_official(model, weights)
+        if report.reinitialized:  # an export with random class heads would be silently useless
+            raise ValueError(f"the checkpoint's class heads do not fit num_classes={classes}: "
+                             f"{', '.join(report.reinitialized)}; pass --num-classes")
     return model.eval(), ckpt
 
 
@@ -214,8 +229,8 @@ def export_onnx(
     if opset < MIN_OPSET:
         raise ValueError(f"opset={opset} is too old: GridSample (deformable attention) needs opset >= {MIN_OPSET}")
     model = ExportModel(student, orig_sizes=orig_sizes).eval()
-    # batch 2, never 1: a traced size-1 dimension could be specialised by broadcasting
-    inputs = model.example_inputs(batch=2)
+    # a dynamic batch is traced at 2, never 1: a traced size-1 dimension could be specialised by broadcasting
+    inputs = model.example_inputs(batch=2 if dynamic_batch else 1)
     input_names = list(INPUT_NAMES[: len(inputs)])
     axes = {n: {0: "batch"} for n in input_names + list(OUTPUT_NAMES)} if dynamic_batch else None
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -264,32 +279,42 @@ def run_onnx(session, *inputs: torch.Tensor | np.ndarray) -> tuple[np.ndarray, .
     return tuple(session.run(list(OUTPUT_NAMES), feed))
 
 
-def _max_diffs(ref: tuple, got: tuple) -> dict[str, float]:
-    out = {}
+def _as_numpy(outputs: tuple) -> list[np.ndarray]:
+    return [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x) for x in outputs]
+
+
+def _check_shapes(ref: list[np.ndarray], got: list[np.ndarray]) -> None:
     for name, r, g in zip(OUTPUT_NAMES, ref, got):
-        r = r.detach().cpu().numpy() if isinstance(r, torch.Tensor) else np.asarray(r)
         if r.shape != g.shape:
-            raise ValueError(f"output {name}: shape {g.shape} from ONNX Runtime, {r.shape} from PyTorch")
-        out[name] = float(np.abs(r.astype(np.float64) - g.astype(np.float64)).max()) if r.size else 0.0
-    return out
+            raise ValueError(f"output {name}: shapes differ, {r.shape} (reference) vs {g.shape}")
 
 
-def match_detections(ref: tuple, got: tuple, score_tol: float = 1e-4) -> dict[str, float]:
+def max_abs_diff(ref: tuple, got: tuple) -> float:
+    """Largest position-wise |difference| over the three outputs (0.0 only for identical results)."""
+    ref, got = _as_numpy(ref), _as_numpy(got)
+    _check_shapes(ref, got)
+    return max((float(np.abs(r.astype(np.float64) - g.astype(np.float64)).max()) for r, g in zip(ref, got)
+                if r.size), default=0.0)
+
+
+def match_detections(ref: tuple, got: tuple, frames: np.ndarray | torch.Tensor | None = None,
+                     score_tol: float = 1e-4) -> dict[str, float]:
     """Compare two (labels B x k, boxes B x k x 4, scores B x k) results, allowing for ties in the ranking.
 
-    Two runtimes sort scores that tie to within float noise in either order, so position-wise labels/boxes can
+    Two runtimes rank scores that tie to within float noise in either order, so position-wise labels/boxes can
     differ while the detections are the same. Each reference detection is paired with an unused detection of the
     same label whose score is within ``score_tol``, the one with the closest box. Returns ``scores``: max
-    |difference| of the sorted scores (order-free); ``boxes``: max |difference| over pairs (pixels);
-    ``unmatched``: reference detections without a partner (only a tie at the k-th place can cause one).
+    |difference| of the sorted scores (order-free); ``boxes``: max |difference| over pairs, in pixels;
+    ``boxes_rel``: the same divided by the longer side of each image's frame (``frames`` B x 2 as (w, h), the
+    post-processor's ``orig_target_sizes``), i.e. in normalised coordinates, where float32 rounding does not
+    grow with the image; ``unmatched``: reference detections without a partner (a tie at the k-th place).
     """
-    ref = [r.detach().cpu().numpy() if isinstance(r, torch.Tensor) else np.asarray(r) for r in ref]
-    got = [np.asarray(g) for g in got]
-    for name, r, g in zip(OUTPUT_NAMES, ref, got):
-        if r.shape != g.shape:
-            raise ValueError(f"output {name}: shape {g.shape} from ONNX Runtime, {r.shape} from PyTorch")
+    ref, got = _as_numpy(ref), _as_numpy(got)
+    _check_shapes(ref, got)
     (rl, rb, rs), (gl, gb, gs) = ref, got
-    worst_box, unmatched = 0.0, 0
+    sides = np.ones(rl.shape[0]) if frames is None else np.asarray(frames, dtype=np.float64).max(-1)
+    worst_box = worst_rel = 0.0
+    unmatched = 0
     for b in range(rl.shape[0]):
         free = np.ones(gl.shape[1], dtype=bool)
         for i in range(rl.shape[1]):
@@ -298,24 +323,33 @@ def match_detections(ref: tuple, got: tuple, score_tol: float = 1e-4) -> dict[st
                 unmatched += 1
                 continue
             box_diff = np.abs(gb[b, cand].astype(np.float64) - rb[b, i]).max(-1)
-            j = cand[box_diff.argmin()]
-            free[j] = False
+            free[cand[box_diff.argmin()]] = False
             worst_box = max(worst_box, float(box_diff.min()))
+            worst_rel = max(worst_rel, float(box_diff.min() / sides[b]))
     scores = np.abs(np.sort(rs.astype(np.float64), -1) - np.sort(gs.astype(np.float64), -1))
-    return {"scores": float(scores.max()) if scores.size else 0.0, "boxes": worst_box, "unmatched": unmatched}
+    out = {"scores": float(scores.max()) if scores.size else 0.0, "boxes": worst_box, "unmatched": unmatched}
+    if frames is not None:
+        out["boxes_rel"] = worst_rel
+    return out
+
+
+def export_ok(diff: dict[str, float], tol: float = 1e-4) -> bool:
+    """The acceptance test of an export: scores and normalised boxes within ``tol``, no detection missing."""
+    return diff["scores"] <= tol and diff.get("boxes_rel", diff["boxes"]) <= tol and diff["unmatched"] == 0
 
 
 @torch.no_grad()
 def verify_export(model: ExportModel, path: str, batches: tuple[int, ...] = (1, 3), seed: int = 0) -> dict:
     """Run random images of each batch size through PyTorch (``model``) and ONNX Runtime (``path``).
 
-    Returns ``{batch: match_detections(...)}`` (max score / box differences, unmatched count).
+    Returns ``{batch: match_detections(...)}`` (score / box differences, unmatched count).
     """
     session = onnx_session(path)
     result = {}
     for i, batch in enumerate(batches):
         inputs = model.example_inputs(batch, seed=seed + i)
-        result[batch] = match_detections(model(*inputs), run_onnx(session, *inputs))
+        frames = inputs[1] if len(inputs) > 1 else model.input_wh.expand(batch, 2)
+        result[batch] = match_detections(model(*inputs), run_onnx(session, *inputs), frames)
     return result
 
 
@@ -347,9 +381,14 @@ def compare_run(run_dir: str, input_size: tuple[int, int] | None = None, seed: i
 
     ``distilled`` is exported from the run's ``best.pt`` through :func:`load_student` (the path ``distill export``
     takes); ``plain`` is a fresh ``build_student`` given only the student's state dict, never having met a
-    projector. Both are exported to ONNX and run by ONNX Runtime on the same random images. Expected: equal
-    params / GFLOPs / ONNX weights, ``max_abs_diff`` 0.0. ``distill_module_params`` counts the training-only
-    ``injectors.*`` tensors of ``last.pt`` (what deployment drops); 0 when the run did not distil.
+    projector. Both are exported to ONNX and run by ONNX Runtime on the same random images.
+
+    Expected: equal ``params_*`` / ``gflops_*`` / ``onnx_weights_*``, and ``max_abs_diff`` (position-wise, all
+    three outputs) exactly 0.0. ``vs_pytorch`` compares the run's ONNX file with the undistilled student in PyTorch
+    (:func:`match_detections`: float-precision differences). From ``last.pt`` where present, ``train_weights``
+    counts the float tensors of ``train_model`` (student + projectors, BatchNorm statistics included) and
+    ``distill_module_params`` its training-only ``injectors.*`` part, which deployment drops (0 without
+    distillation).
     """
     import tempfile
 
@@ -374,7 +413,7 @@ def compare_run(run_dir: str, input_size: tuple[int, int] | None = None, seed: i
         "checkpoint": best_path,
         "student": best["student"],
         "input_size": list(distilled.input_size),
-        "train_params": _numel(train_state) or None,
+        "train_weights": _numel(train_state) or None,
         "distill_module_params": _numel(train_state, "injectors."),
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -389,8 +428,9 @@ def compare_run(run_dir: str, input_size: tuple[int, int] | None = None, seed: i
                                                     if np.issubdtype(a.dtype, np.floating)))
         inputs = models["plain"].example_inputs(batch=2, seed=seed)
         got = {tag: run_onnx(s, *inputs) for tag, s in sessions.items()}
-        report["max_abs_diff"] = max(_max_diffs(got["plain"], got["distilled"]).values())
-        report["max_abs_diff_vs_pytorch"] = max(_max_diffs(models["plain"](*inputs), got["distilled"]).values())
+        report["max_abs_diff"] = max_abs_diff(got["plain"], got["distilled"])
+        frames = models["plain"].input_wh.expand(2, 2)
+        report["vs_pytorch"] = match_detections(models["plain"](*inputs), got["distilled"], frames)
     report["zero_overhead"] = (report["params_distilled"] == report["params_plain"]
                                and report["gflops_distilled"] == report["gflops_plain"]
                                and report["onnx_weights_distilled"] == report["onnx_weights_plain"]
@@ -410,8 +450,10 @@ def format_comparison(report: dict[str, Any]) -> str:
     lines = [f"{report['student']} at {'x'.join(map(str, report['input_size']))} from {report['checkpoint']}"]
     lines += [f"  {a:<{width}}  {b!s:>14}  {c!s:>14}" for a, b, c in rows]
     lines.append(f"  training-only distillation params (last.pt injectors.*): {report['distill_module_params']}"
-                 + (f" of {report['train_params']} trained" if report["train_params"] else ""))
-    lines.append(f"  max |ONNX(run) - ONNX(undistilled)|: {report['max_abs_diff']:g}   "
-                 f"max |ONNX(run) - PyTorch(undistilled)|: {report['max_abs_diff_vs_pytorch']:.3g}")
+                 + (f" of {report['train_weights']} trained" if report["train_weights"] else ""))
+    vs = report["vs_pytorch"]
+    lines.append(f"  max |ONNX(run) - ONNX(undistilled)| over labels, boxes, scores: {report['max_abs_diff']:g}")
+    lines.append(f"  ONNX(run) vs PyTorch(undistilled): scores {vs['scores']:.1e}, boxes {vs['boxes']:.1e} px "
+                 f"({vs['boxes_rel']:.1e} of the image side), unmatched detections {vs['unmatched']}")
     lines.append(f"  zero overhead: {'yes' if report['zero_overhead'] else 'NO'}")
     return "\n".join(lines)

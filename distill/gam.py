@@ -45,8 +45,8 @@ class GAMConfig:
             update of the released code, with ``ratio_floor`` and the ``max_step`` clamp).
         rho: target AIFI gradient share, a FRACTION (RT-DETRv4-S: 0.11; the official YAML writes 11, in percent).
         delta: half-width of the tolerance band, a fraction (S: 0.01).
-        injection: the injection whose weight GAM drives ("" = the first; "all" = every injection, one shared
-            weight).
+        injection: the injection whose weight GAM drives ("" = the first; "all" = every injection, with one
+            shared weight, so their initial weights must be equal).
         default_weight: weight used by the resets below (S: 20).
         reset_on_zero: a zero mean share resets the weight to ``default_weight`` (official behaviour).
         reset_in_no_aug: from ``stop_epoch`` on (the no-augmentation / EMA stage) the weight is

@@ -6,10 +6,10 @@ A grid file::
     overrides: {epochs: 36}                    # applied to every run
     mode: product                              # or zip (axes of equal length, walked together)
     axes:
-      - {key: distill.injections, name: taps, values: [[{tap: F5}], [{tap: a}], [{tap: b}]]}
-      - {key: distill.injections.0.weight, name: w, values: [5, 10, 20]}
+      - {key: distill.injections, name: taps, values: [[{tap: F5, weight: 5}], [{tap: a, weight: 5}]]}
+      - {key: distill.gam.enabled, name: gam, values: [false, true]}
     exclude:                                   # a run matching every pair of one rule is dropped
-      - {taps: [{tap: b}], w: 20}
+      - {taps: [{tap: a, weight: 5}], gam: true}
     seeds: [0, 1]                              # shorthand for an axis on `seed`, crossed with everything
     output_dir: runs/taps                      # relative to this file; default <file dir>/<file stem>
 
@@ -88,7 +88,8 @@ class Run:
 
 # ---- loading and expansion -------------------------------------------------------------------------------------
 def load_grid(path: str | os.PathLike, output_dir: str | None = None) -> Grid:
-    """Read and validate a grid file; relative paths are taken from the grid file's directory."""
+    """Read and validate a grid file; its relative paths are taken from its directory. ``output_dir`` (from the
+    command line) replaces the file's and is relative to the working directory."""
     path = Path(path)
     with open(path) as f:
         data = yaml.safe_load(f) or {}
@@ -130,8 +131,9 @@ def load_grid(path: str | os.PathLike, output_dir: str | None = None) -> Grid:
         bad = sorted(set(rule) - known)
         if bad:
             raise ValueError(f"{path}: exclude rule {rule} names {bad}, which are not axes ({sorted(known)})")
-    out = output_dir or data.get("output_dir") or path.stem
-    return Grid(str(path), str(base), axes, mode, dict(overrides), exclude, str((here / out).resolve()))
+    # a command-line output_dir is relative to the working directory, the file's own to the file
+    out = Path(output_dir).resolve() if output_dir else (here / str(data.get("output_dir") or path.stem)).resolve()
+    return Grid(str(path), str(base), axes, mode, dict(overrides), exclude, str(out))
 
 
 def _parse_axes(path: Path, raw) -> list[Axis]:
@@ -269,9 +271,9 @@ def default_runner(config_path: str, overrides: list[str], output_dir: str) -> A
 
 def accelerate_command(config_path: str, overrides: Sequence[str], output_dir: str,
                        launch_args: Sequence[str] = ()) -> list[str]:
-    """``accelerate launch [launch_args] -m distill.cli train CONFIG KEY=VALUE ... --output-dir DIR``."""
+    """``accelerate launch [launch_args] -m distill.cli train CONFIG KEY=VALUE ... output_dir=DIR``."""
     return [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "-m", "distill.cli", "train",
-            config_path, *overrides, "--output-dir", output_dir]
+            config_path, *overrides, format_override("output_dir", output_dir)]
 
 
 def accelerate_runner(launch_args: Sequence[str] = ()) -> Runner:

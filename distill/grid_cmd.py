@@ -16,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "`accelerate launch -m distill.cli train` per run")
     parser.add_argument("--launch-args", default="",
                         help="extra `accelerate launch` options, as one string (e.g. '--num_processes 4')")
-    parser.add_argument("--output-dir", default=None, help="override the grid's output_dir")
+    parser.add_argument("--output-dir", default=None,
+                        help="replace the grid's output_dir (relative to the working directory)")
     parser.add_argument("--fail-fast", action="store_true", help="stop at the first failed run")
 
 

@@ -26,7 +26,7 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
         if not params:
             continue
         group: dict = {"params": params}
-        lr = rule.lr if rule.lr is not None or rule.name != "backbone" else cfg.backbone_lr
+        lr = rule.lr if rule.lr is not None or not rule.name.startswith("backbone") else cfg.backbone_lr
         if lr is not None:
             group["lr"] = lr
         if rule.weight_decay is not None:

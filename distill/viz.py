@@ -28,22 +28,25 @@ import re
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from matplotlib.ticker import PercentFormatter  # noqa: E402
-from torch import nn  # noqa: E402
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
-from .pca import PCABasis, foreground_mask, resize_mask  # noqa: E402
+    from .pca import PCABasis
+
+# torch, sklearn and the students are imported where the feature panel needs them: the curve and grid-result
+# helpers stay light, so the notebooks that only read metrics start quickly.
 
 FIG4_TAPS = ("F5", "P3", "P4", "P5")
 TAP_TITLES = {"F5": "F5 (AIFI)", "P3": "P3 (CCFF)", "P4": "P4 (CCFF)", "P5": "P5 (CCFF)"}
-BASES = ("reference", "each")
+BASES = ("auto", "reference", "each")
 COSINES = ("projector", "fit", "none")
 # main loss terms: 'loss', 'loss_mal', 'loss_distill/F5'; not the per-layer copies ('loss_bbox_aux_0', '_dn_pre')
 _MAIN_LOSS = re.compile(r"^loss(_[a-z]+)?(/[A-Za-z0-9_-]+)?$")
@@ -70,12 +73,14 @@ class CheckpointFeatures:
     cos: list[torch.Tensor] | None = None
     cos_source: str = ""
     note: str = ""
+    run: str = ""  # run directory the checkpoint belongs to (decides the 'auto' basis)
 
 
-@torch.no_grad()
 def student_taps(student: nn.Module, image: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
     """3 x H x W image in [0, 1] -> tap name -> C x h x w (backbone + encoder only; the decoder is not needed)."""
-    with student.capture(list(names)) as feats:
+    import torch
+
+    with torch.no_grad(), student.capture(list(names)) as feats:
         student.encoder(student.backbone(image[None]))
     return {n: feats[n][0].float() for n in names}
 
@@ -100,6 +105,8 @@ def load_projector(path: str, tap: str = "F5") -> tuple[nn.Module | None, str]:
     """The run's trained DSI projector for ``tap`` (from ``last.pt`` next to ``path``) and a note.
 
     Returns (None, why) when the run has none: no ``last.pt``, no distillation, or no injection on ``tap``."""
+    import torch
+
     from .dsi import DistillConfig, build_projector, resolve_injections
 
     last = last_checkpoint(path)
@@ -127,6 +134,8 @@ def load_projector(path: str, tap: str = "F5") -> tuple[nn.Module | None, str]:
 def cosine_map(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Per-position cosine similarity. student D x h x w, teacher D x h' x w' (resized to h x w, bilinear, as
     the DSI loss does) -> h x w in [-1, 1]."""
+    import torch.nn.functional as F
+
     if teacher.shape[-2:] != student.shape[-2:]:
         teacher = F.interpolate(teacher[None], size=student.shape[-2:], mode="bilinear", align_corners=False)[0]
     return F.cosine_similarity(student.float(), teacher.float(), dim=0)
@@ -140,6 +149,8 @@ def fitted_cosines(f5: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) 
     """Cosine maps after a ridge regression from F5 (C x h x w each) to the teacher (D x h' x w', resized to F5)
     fitted on all the given positions; the ridge strength is chosen by leave-one-out CV (a plain least-squares
     fit would reach cosine 1 whenever there are fewer positions than channels)."""
+    import torch
+    import torch.nn.functional as F
     from sklearn.linear_model import RidgeCV
 
     targets = [
@@ -163,6 +174,8 @@ def checkpoint_features(
     label: str | None = None,
 ) -> CheckpointFeatures:
     """Load a checkpoint (file or run dir) and compute its taps (and cosine maps when teacher grids are given)."""
+    import torch
+
     from .trained import load_trained, resolve_checkpoint
 
     if cosine not in COSINES:
@@ -173,8 +186,9 @@ def checkpoint_features(
         raise ValueError(f"{path}: student {ckpt['student']} has none of the taps {list(taps)}; "
                          f"it has {list(student.taps)}")
     per_image = [student_taps(student, img, names) for img in images]
-    feats = CheckpointFeatures(label or _default_label(resolve_checkpoint(path), ckpt),
-                               {n: [p[n] for p in per_image] for n in names})
+    resolved = os.path.abspath(resolve_checkpoint(path))
+    feats = CheckpointFeatures(label or _default_label(resolved, ckpt), {n: [p[n] for p in per_image] for n in names},
+                               run=os.path.dirname(os.path.dirname(resolved)))
     if teacher_grids is None or cosine == "none" or "F5" not in student.taps:
         return feats
     f5 = [p["F5"] for p in per_image] if "F5" in names else [student_taps(student, i, ["F5"])["F5"] for i in images]
@@ -200,7 +214,7 @@ def _default_label(path: str, ckpt: Mapping) -> str:
 
 def fit_bases(
     features: Sequence[CheckpointFeatures],
-    basis: str = "reference",
+    basis: str = "auto",
     reference: int = 0,
     masks: Sequence[torch.Tensor] | None = None,
     percentiles: tuple[float, float] = (2.0, 98.0),
@@ -209,10 +223,15 @@ def fit_bases(
 
     ``reference``: every tap's basis is fitted once, on checkpoint ``reference`` over all images, and shared by
     every checkpoint whose tap has the same channel count (the others get their own, noted on their row).
-    ``each``: one basis per checkpoint and tap (still shared across images). ``masks`` (h x w bool per image, at
-    any resolution) restrict the fits to foreground positions."""
+    ``each``: one basis per checkpoint and tap (still shared across images). ``auto``: ``reference`` when every
+    checkpoint comes from one run (epochs of a run share their channels' meaning), else ``each``: two
+    independently trained students have unrelated channels, and one's basis shows the other as a flat colour.
+    ``masks`` (h x w bool per image, at any resolution) restrict the fits to foreground positions."""
+    from .pca import PCABasis, resize_mask
+
     if basis not in BASES:
         raise ValueError(f"basis {basis!r} is not valid; choose from {list(BASES)}")
+    basis = resolve_basis(features, basis)
     if not 0 <= reference < len(features):
         raise ValueError(f"reference checkpoint {reference} is out of range (0..{len(features) - 1})")
 
@@ -236,6 +255,13 @@ def fit_bases(
     return out
 
 
+def resolve_basis(features: Sequence[CheckpointFeatures], basis: str) -> str:
+    """'auto' -> 'reference' for checkpoints of a single run, 'each' otherwise; other values unchanged."""
+    if basis != "auto":
+        return basis
+    return "reference" if len({f.run for f in features}) <= 1 else "each"
+
+
 def _show(ax, picture, extent, **kw):
     """imshow without ticks or frame (the y label stays usable, unlike ``axis('off')``)."""
     im = ax.imshow(picture, extent=extent, interpolation="nearest", **kw)
@@ -251,7 +277,7 @@ def plot_feature_panel(
     features: Sequence[CheckpointFeatures],
     teacher_grids: Sequence[torch.Tensor] | None = None,
     teacher_name: str = "teacher",
-    basis: str = "reference",
+    basis: str = "auto",
     reference: int = 0,
     foreground: bool = False,
     image_names: Sequence[str] | None = None,
@@ -262,11 +288,14 @@ def plot_feature_panel(
     images: 3 x H x W in [0, 1] each; features: one :class:`CheckpointFeatures` per checkpoint (same images);
     teacher_grids: D x h x w per image (its basis is fitted on all of them); foreground: fit every basis on the
     positions the teacher's first principal component marks as foreground (needs teacher grids)."""
+    from .pca import PCABasis, foreground_mask
+
     if not features:
         raise ValueError("plot_feature_panel needs at least one checkpoint")
     if foreground and teacher_grids is None:
         raise ValueError("foreground-only fitting needs the teacher's grids (give a teacher)")
     masks = foreground_mask(list(teacher_grids)) if foreground else None
+    basis = resolve_basis(features, basis)
     bases = fit_bases(features, basis, reference, masks)
     tap_names = list(dict.fromkeys(n for f in features for n in f.taps))
     has_teacher = teacher_grids is not None
@@ -275,8 +304,8 @@ def plot_feature_panel(
     n_rows = len(images) * len(features)
     h0, w0 = images[0].shape[-2:]
     aspect = h0 / w0
-    fig, axes = plt.subplots(n_rows, len(columns), figsize=(cell * len(columns) + 0.9, cell * aspect * n_rows + 0.9),
-                             squeeze=False)
+    fig = Figure(figsize=(cell * len(columns) + 1.0, cell * aspect * n_rows + 1.0), layout="constrained")
+    axes = fig.subplots(n_rows, len(columns), squeeze=False)
     t_basis = PCABasis.fit(list(teacher_grids), masks) if has_teacher else None
     cos_image = None
     for i, image in enumerate(images):
@@ -305,23 +334,27 @@ def plot_feature_panel(
                     ax.set_xlabel(f"{g.shape[0]}ch {g.shape[1]}x{g.shape[2]}", fontsize=7)
                 else:
                     ax.axis("off")
-                if k == 0:
-                    ax.set_title(_column_title(col, teacher_name, image_names[i] if image_names else None), fontsize=9)
+                if i == 0 and k == 0:
+                    ax.set_title(_column_title(col, teacher_name), fontsize=9)
+                if col == "input" and k == 0 and image_names:
+                    ax.set_title(("input: " if i == 0 else "") + image_names[i], fontsize=8)
     if cos_image is not None:
-        fig.colorbar(cos_image, ax=axes[:, -1].tolist(), fraction=0.05, pad=0.02, label="cosine similarity")
+        fig.colorbar(cos_image, ax=axes[:, -1].tolist(), shrink=min(1.0, 3.0 / n_rows),
+                     label="cosine similarity (below 0 shown as 0)")
     notes = [f"{f.label.splitlines()[0]}: {f.note}" for f in features if f.note]
     fit_on = "foreground positions" if foreground else "all positions"
-    how = ("one PCA basis per tap, fitted on the first checkpoint and reused" if basis == "reference"
-           else "one PCA basis per checkpoint and tap")
+    ref_name = features[reference].label.splitlines()[0]
+    how = (f"one PCA basis per tap, fitted on '{ref_name}' and reused for every row" if basis == "reference"
+           else "one PCA basis per checkpoint and tap, shared by all images")
     fig.suptitle(f"Dense features -> RGB: {how} ({fit_on}, 2-98th percentile colour range)", fontsize=9)
     if notes:
-        fig.text(0.01, 0.002, "\n".join(notes), fontsize=7, va="bottom")
+        fig.supxlabel("\n".join(notes), fontsize=7, x=0.01, ha="left")
     return fig
 
 
-def _column_title(col: str, teacher_name: str, image_name: str | None) -> str:
+def _column_title(col: str, teacher_name: str) -> str:
     if col == "input":
-        return image_name or "input"
+        return "input"
     if col == "teacher":
         return f"teacher: {teacher_name}"
     if col == "cos":
@@ -348,6 +381,123 @@ def teacher_spec_from_checkpoint(ckpt: Mapping) -> tuple[dict, int] | None:
     spec = teachers[name]
     spec = {"preset": spec} if isinstance(spec, str) else {"name": name, **dict(spec)}
     return spec, inj.layer
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def image_paths(items: Sequence[str] | None, per_dir: int = 3) -> list[str]:
+    """Files as given; a directory contributes its first ``per_dir`` images (sorted by name); none: a sample."""
+    from .images import sample_image_path
+
+    if not items:
+        return [sample_image_path()]
+    out = []
+    for item in items:
+        if os.path.isdir(item):
+            found = sorted(f for f in os.listdir(item) if f.lower().endswith(IMAGE_SUFFIXES))
+            if not found:
+                raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in directory {item}")
+            out += [os.path.join(item, f) for f in found[:per_dir]]
+        elif os.path.isfile(item):
+            out.append(item)
+        else:
+            raise FileNotFoundError(f"image not found: {item}")
+    return out
+
+
+def load_images(paths: Sequence[str], long_side: int) -> list[torch.Tensor]:
+    """3 x H x W in [0, 1] each, long side ``long_side``, aspect kept, sides multiples of 32."""
+    from PIL import Image
+
+    from .images import fit_size, load_image
+
+    out = []
+    for p in paths:
+        with Image.open(p) as im:
+            size = fit_size(im.height, im.width, long_side)
+        out.append(load_image(p, size))
+    return out
+
+
+@dataclass
+class FeaturePanel:
+    """What :func:`feature_panel` computed: the figure and its inputs, for display and for numbers."""
+
+    figure: Figure
+    features: list[CheckpointFeatures]
+    image_paths: list[str]
+    size: int
+    teacher: str | None
+
+    def mean_cos(self) -> list[float | None]:
+        """Mean cosine (projected F5 vs teacher) over all positions of all images, per checkpoint."""
+        return [None if f.cos is None else float(np.mean([float(c.mean()) for c in f.cos])) for f in self.features]
+
+    def markdown(self) -> str:
+        """One line per checkpoint: taps, mean cosine with the teacher and how it was obtained, notes."""
+        lines = ["| checkpoint | taps | mean cos(F5, teacher) | cosine from | note |", "|---|---|---|---|---|"]
+        for f, cos in zip(self.features, self.mean_cos()):
+            source = {"projector": "the run's DSI projector", "fit": "ridge fit on these images"}.get(f.cos_source, "–")
+            lines.append(f"| {f.label.replace(chr(10), ' ')} | {', '.join(f.taps)} | "
+                         f"{'–' if cos is None else f'{cos:.3f}'} | {source} | {f.note or ''} |")
+        return "\n".join(lines)
+
+
+def feature_panel(
+    checkpoints: Sequence[str],
+    images: Sequence[str] | None = None,
+    labels: Sequence[str] | None = None,
+    teacher: str | Mapping | None = None,
+    use_teacher: bool = True,
+    config: Mapping | None = None,
+    size: int | None = None,
+    taps: Sequence[str] = FIG4_TAPS,
+    basis: str = "auto",
+    reference: int = 0,
+    foreground: bool = False,
+    cosine: str = "projector",
+    max_images: int = 3,
+) -> FeaturePanel:
+    """The whole Fig. 4 pipeline from paths: checkpoints (files or run dirs), images (files or directories).
+
+    teacher: a :func:`teachers.load_teacher` spec; None = the teacher in ``config`` or in the first
+    distillation checkpoint's config (none found, or ``use_teacher=False``: student taps only). size: long side
+    of the inputs (default: ``data.img_size`` of ``config`` or of the first checkpoint, else 640)."""
+    import torch
+
+    from teachers import load_teacher
+
+    from .trained import resolve_checkpoint
+
+    if not checkpoints:
+        raise ValueError("feature_panel needs at least one checkpoint")
+    if labels is not None and len(labels) != len(checkpoints):
+        raise ValueError(f"--labels has {len(labels)} entries for {len(checkpoints)} checkpoints")
+    ckpts = [torch.load(resolve_checkpoint(p), map_location="cpu", weights_only=True) for p in checkpoints]
+    config = dict(config or {})
+    sizes = [(config.get("data") or {}).get("img_size")]
+    sizes += [((c.get("config") or {}).get("data") or {}).get("img_size") for c in ckpts]
+    size = size or next((s for s in sizes if s), 640)
+    model, layer = None, 0
+    if use_teacher:
+        if teacher is not None:
+            model = load_teacher(teacher)
+        else:
+            found = teacher_spec_from_checkpoint({"config": config}) if config else None
+            found = found or next(filter(None, map(teacher_spec_from_checkpoint, ckpts)), None)
+            if found is not None:
+                model = load_teacher(found[0])
+                layer = found[1]
+    paths = image_paths(images, max_images)
+    pictures = load_images(paths, size)
+    grids = teacher_grids_for(model, pictures, layer) if model is not None else None
+    feats = [checkpoint_features(p, pictures, taps, grids, cosine, lab)
+             for p, lab in zip(checkpoints, labels or [None] * len(checkpoints))]
+    name = getattr(model, "name", None)
+    fig = plot_feature_panel(pictures, feats, grids, name or "teacher", basis, reference, foreground,
+                             [os.path.basename(p) for p in paths])
+    return FeaturePanel(fig, feats, paths, size, name)
 
 
 # ================================================================================================================
@@ -420,10 +570,12 @@ def plot_curves(runs: Sequence[RunCurves], title: str | None = None):
     """2 x 2 Figure: AP per epoch (Fig. 5), DSI weight, AIFI gradient share with the GAM band(s), loss terms."""
     if not runs:
         raise ValueError("plot_curves needs at least one run")
-    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
+    fig = Figure(figsize=(13, 8.5), layout="tight")
+    axes = fig.subplots(2, 2)
     ax_ap, ax_w, ax_r, ax_l = axes.ravel()
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     styles = ["-", "--", ":", "-."]
+    terms = list(dict.fromkeys(k for run in runs for k in run.loss_terms()))  # one colour per term in all runs
     for n, run in enumerate(runs):
         c = colours[n % len(colours)]
         e, ap = run.series("AP")
@@ -442,10 +594,10 @@ def plot_curves(runs: Sequence[RunCurves], title: str | None = None):
         if run.band is not None and e:
             ax_r.axhspan(*run.band, color=c, alpha=0.15, lw=0,
                          label=f"{run.label}: band [{100 * run.band[0]:.3g}%, {100 * run.band[1]:.3g}%]")
-        for j, key in enumerate(run.loss_terms()):
+        for key in run.loss_terms():
             e, v = run.series(key)
             if e:
-                ax_l.plot(e, v, color=colours[j % len(colours)], ls=styles[n % 4],
+                ax_l.plot(e, v, color=colours[terms.index(key) % len(colours)], ls=styles[n % 4],
                           label=f"{key}" + (f" [{run.label}]" if len(runs) > 1 else ""))
     ax_ap.set(title="validation AP per epoch (EMA model)", xlabel="epoch", ylabel="AP (%)")
     ax_w.set(title="DSI loss weight per epoch (GAM-driven or static)", xlabel="epoch", ylabel="weight")
@@ -457,14 +609,31 @@ def plot_curves(runs: Sequence[RunCurves], title: str | None = None):
     for ax, empty in ((ax_ap, "no AP recorded"), (ax_w, "no distillation weight recorded (plain runs)"),
                       (ax_r, "no AIFI gradient share recorded"), (ax_l, "no loss terms recorded")):
         if ax.get_lines():
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, ncol=2 if len(ax.get_lines()) > 8 else 1)
             ax.grid(alpha=0.3)
         else:
             ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes, color="grey")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     return fig
+
+
+def dynamics_markdown(runs: Sequence[RunCurves]) -> str:
+    """One line per run: best AP (epoch), final DSI weight, mean AIFI share, epochs inside the GAM band."""
+    lines = ["| run | epochs | best AP (epoch) | final weight | mean AIFI share | epochs in band |",
+             "|---|---|---|---|---|---|"]
+    for run in runs:
+        e, ap = run.series("AP")
+        best = f"{100 * max(ap):.2f} ({e[ap.index(max(ap))]})" if ap else "–"
+        weights = [run.series(k)[1] for k in run.keys("distill_weight")]
+        final = ", ".join(f"{w[-1]:.3g}" for w in weights if w) or "–"
+        _, ratio = run.series("aifi_grad_ratio")
+        share = f"{100 * statistics.fmean(ratio):.2f}%" if ratio else "–"
+        inside = "–"
+        if run.band is not None and ratio:
+            inside = f"{sum(run.band[0] <= r <= run.band[1] for r in ratio)}/{len(ratio)}"
+        lines.append(f"| {run.label} | {len(run.rows)} | {best} | {final} | {share} | {inside} |")
+    return "\n".join(lines)
 
 
 # ================================================================================================================
@@ -488,6 +657,23 @@ class GridTable:
         for row in self.rows:
             out.setdefault(tuple(row[a] for a in self.axes if a != self.seed_axis), []).append(row)
         return out
+
+    def runs_markdown(self) -> str:
+        """One line per run: its axis values, status, best AP (%) and epoch, final weight(s), mean AIFI share."""
+        weights = [k for k in self.rows[0] if k.startswith("final_distill_weight")]
+        head = ["run", *self.axes, "status", "best AP", "best epoch", *[k.replace("final_", "final ") for k in weights],
+                "AIFI share (%)"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+        def num(v, scale=1.0, fmt=".2f"):
+            return format(scale * v, fmt) if _finite(v) else "–"
+
+        for r in self.rows:
+            cells = [str(r.get("run", "")), *(str(r[a]) for a in self.axes), str(r.get("status") or ""),
+                     num(r.get("best_AP"), 100), str(r.get("best_epoch") if r.get("best_epoch") is not None else "–"),
+                     *(num(r.get(k), fmt=".3g") for k in weights), num(r.get("mean_aifi_grad_ratio"), 100)]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
 
 
 def _parse(v: str):
@@ -542,7 +728,8 @@ def plot_results(table: GridTable, title: str | None = None):
     cells = table.cells()
     axes_names = [a for a in table.axes if a != table.seed_axis]
     has_ratio = any(_finite(r.get("mean_aifi_grad_ratio")) for r in table.rows)
-    fig, axs = plt.subplots(1, 2 if has_ratio else 1, figsize=(12 if has_ratio else 7, 4.5), squeeze=False)
+    fig = Figure(figsize=(12 if has_ratio else 7, 4.5), layout="tight")
+    axs = fig.subplots(1, 2 if has_ratio else 1, squeeze=False)
     ax = axs[0, 0]
     labels = ["\n".join(f"{a.rsplit('.', 1)[-1]}={v}" for a, v in zip(axes_names, key)) or "all" for key in cells]
     for x, rows in enumerate(cells.values()):
@@ -550,12 +737,14 @@ def plot_results(table: GridTable, title: str | None = None):
         if not aps:
             continue
         mean = statistics.fmean(aps)
-        ax.bar(x, mean, color="C0", alpha=0.6)
-        ax.errorbar(x, mean, yerr=[[mean - min(aps)], [max(aps) - mean]], color="k", capsize=4)
+        # points, not bars: AP differences of an ablation are small next to AP itself
+        ax.errorbar(x, mean, yerr=[[mean - min(aps)], [max(aps) - mean]], color=f"C{x % 10}", capsize=6,
+                    marker="_", ms=22, mew=2)
         ax.scatter([x] * len(aps), aps, color="k", s=12, zorder=3)
-        ax.text(x, max(aps), f"{mean:.1f}", ha="center", va="bottom", fontsize=8)
+        ax.annotate(f"{mean:.2f}", (x, mean), xytext=(14, 0), textcoords="offset points", va="center", fontsize=8)
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
-    ax.set(ylabel="best AP (%)", title="best AP per cell (bar: mean over seeds, bar ends: min/max)")
+    ax.set_xlim(-0.6, len(labels) - 0.4)
+    ax.set(ylabel="best AP (%)", title="best AP per cell (line: mean over seeds, whiskers: min/max, dots: runs)")
     ax.grid(axis="y", alpha=0.3)
     if has_ratio:
         ax2 = axs[0, 1]
@@ -570,7 +759,6 @@ def plot_results(table: GridTable, title: str | None = None):
         ax2.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     return fig
 
 
@@ -578,5 +766,4 @@ def save(fig, out: str, dpi: int = 110) -> str:
     """Write a Figure to ``out`` (directories created) and close it."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=dpi)
-    plt.close(fig)
     return out

@@ -7,11 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-
-import torch
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,14 +17,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", nargs="+", help="image files or directories (default: a sample photo)")
     parser.add_argument("--max-images", type=int, default=3, help="images taken from each directory")
     parser.add_argument("--teacher", help="teacher spec (preset, directory, .pth or inline dict); default: the "
-                                          "first distillation checkpoint's teacher")
+                                          "teacher of --config or of the first distillation checkpoint")
     parser.add_argument("--no-teacher", action="store_true", help="student taps only")
     parser.add_argument("--teacher-input", default="match", help="input policy for --teacher: match | native | N")
     parser.add_argument("--taps", nargs="+", default=["F5", "P3", "P4", "P5"], help="student taps (columns)")
     parser.add_argument("--size", type=int, help="long side of the input (default: the config's img_size)")
-    parser.add_argument("--basis", choices=["reference", "each"], default="reference",
+    parser.add_argument("--basis", choices=["auto", "reference", "each"], default="auto",
                         help="reference: each tap's PCA basis fitted once on --reference and reused for every "
-                             "checkpoint; each: one basis per checkpoint (independently trained students)")
+                             "checkpoint; each: one basis per checkpoint; auto (default): reference when all "
+                             "checkpoints come from one run, each otherwise (independent runs have unrelated "
+                             "channels)")
     parser.add_argument("--reference", type=int, default=0, help="index of the reference checkpoint")
     parser.add_argument("--foreground", action="store_true",
                         help="fit the bases on foreground positions only (teacher's first principal component)")
@@ -39,90 +36,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="viz_pca.png")
 
 
-def image_paths(items: list[str] | None, per_dir: int) -> list[str]:
-    """Files as given; a directory contributes its first ``per_dir`` images (sorted by name)."""
-    from .images import sample_image_path
-
-    if not items:
-        return [sample_image_path()]
-    out = []
-    for item in items:
-        if os.path.isdir(item):
-            found = sorted(f for f in os.listdir(item) if f.lower().endswith(IMAGE_SUFFIXES))
-            if not found:
-                raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in directory {item}")
-            out += [os.path.join(item, f) for f in found[:per_dir]]
-        elif os.path.isfile(item):
-            out.append(item)
-        else:
-            raise FileNotFoundError(f"image not found: {item}")
-    return out
-
-
-def load_images(paths: list[str], long_side: int) -> list[torch.Tensor]:
-    """3 x H x W in [0, 1] each, long side ``long_side``, aspect kept, sides multiples of 32."""
-    from PIL import Image
-
-    from .images import fit_size, load_image
-
-    out = []
-    for p in paths:
-        with Image.open(p) as im:
-            size = fit_size(im.height, im.width, long_side)
-        out.append(load_image(p, size))
-    return out
-
-
-def _read_config(path: str | None) -> dict:
-    if path is None:
-        return {}
-    import yaml
-
-    with open(path) as f:
-        return yaml.safe_load(f) or {}
-
-
 def main(args: argparse.Namespace) -> int:
-    from teachers import load_teacher
+    import torch
+
     from teachers.show import spec_with_input
 
     from . import viz
-    from .trained import resolve_checkpoint
 
-    if args.labels and len(args.labels) != len(args.checkpoint):
-        raise ValueError(f"--labels has {len(args.labels)} entries for {len(args.checkpoint)} checkpoints")
+    config = None
+    if args.config:
+        import yaml
+
+        with open(args.config) as f:
+            config = yaml.safe_load(f) or {}
     torch.set_grad_enabled(False)
-    ckpts = [torch.load(resolve_checkpoint(p), map_location="cpu", weights_only=True) for p in args.checkpoint]
-    config = _read_config(args.config)
-    size = args.size or (config.get("data") or {}).get("img_size") or next(
-        ((c.get("config") or {}).get("data", {}).get("img_size") for c in ckpts if c.get("config")), None) or 640
-
-    teacher, layer = None, 0
-    if not args.no_teacher:
-        if args.teacher:
-            teacher = load_teacher(spec_with_input(args.teacher, args.teacher_input))
-        else:
-            found = viz.teacher_spec_from_checkpoint({"config": config}) if config else None
-            found = found or next(filter(None, map(viz.teacher_spec_from_checkpoint, ckpts)), None)
-            if found is not None:
-                spec, layer = found
-                teacher = load_teacher(spec)
-    paths = image_paths(args.images, args.max_images)
-    images = load_images(paths, size)
-    grids = viz.teacher_grids_for(teacher, images, layer) if teacher is not None else None
-    labels = args.labels or [None] * len(args.checkpoint)
-    feats = [viz.checkpoint_features(p, images, args.taps, grids, args.cosine, label)
-             for p, label in zip(args.checkpoint, labels)]
-    fig = viz.plot_feature_panel(images, feats, grids, getattr(teacher, "name", "teacher"), args.basis,
-                                 args.reference, args.foreground, [os.path.basename(p) for p in paths])
-    viz.save(fig, args.out)
+    panel = viz.feature_panel(
+        args.checkpoint, args.images, args.labels,
+        teacher=spec_with_input(args.teacher, args.teacher_input) if args.teacher else None,
+        use_teacher=not args.no_teacher, config=config, size=args.size, taps=args.taps, basis=args.basis,
+        reference=args.reference, foreground=args.foreground, cosine=args.cosine, max_images=args.max_images,
+    )
+    viz.save(panel.figure, args.out)
     print(json.dumps({
-        "out": args.out,
-        "images": paths,
-        "size": size,
-        "teacher": getattr(teacher, "name", None),
+        "out": args.out, "images": panel.image_paths, "size": panel.size, "teacher": panel.teacher,
         "rows": [{"label": f.label.replace("\n", " "), "taps": list(f.taps), "cos_source": f.cos_source,
-                  "mean_cos": None if f.cos is None else round(float(torch.stack([c.mean() for c in f.cos]).mean()), 4),
-                  "note": f.note} for f in feats],
+                  "mean_cos": None if c is None else round(c, 4), "note": f.note}
+                 for f, c in zip(panel.features, panel.mean_cos())],
     }))
     return 0

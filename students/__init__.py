@@ -11,10 +11,14 @@ import os
 
 from torch import nn
 
+from .checkpoint import load_official, load_student, save_student
 from .detector import Detector, Tap
 from .registry import COMPONENTS, STUDENTS, StudentSpec, get_spec
 
-__all__ = ["Detector", "StudentSpec", "Tap", "build_student", "get_spec", "list_students"]
+__all__ = [
+    "Detector", "StudentSpec", "Tap", "build_student", "get_spec", "list_students", "load_official", "load_student",
+    "save_student",
+]
 
 
 def list_students(family: str | None = None) -> list[str]:
@@ -71,7 +75,5 @@ def build_student(
     if check_taps:
         model.check_taps()
     if pretrained is not None:
-        from .checkpoint import load_official
-
         load_official(model, pretrained)
     return model

@@ -144,7 +144,10 @@ class Detector(nn.Module):
 
     def deploy(self) -> Detector:
         """Eval mode, then ``convert_to_deploy()`` on every sub-module that has it (RepVGG / conv-BN fusion,
-        decoder truncated to ``eval_idx``), as the official ``DEIM.deploy``. In place; returns self."""
+        decoder truncated to ``eval_idx``), as the official ``DEIM.deploy``. In place; returns self.
+
+        The postprocessor is left alone, so :meth:`postprocess` keeps returning per-image dicts; for an ONNX graph
+        call ``model.postprocessor.deploy()`` as well (tensor outputs)."""
         self.eval()
         # the list is taken first because conversions replace sub-modules while we walk
         for module in [m for part in (self.backbone, self.encoder, self.decoder) for m in part.modules()]:

@@ -117,8 +117,8 @@ _DEIMV2_ENCODER = dict(version="deim", csp_type="csp2", fuse_op="sum")
 _S3 = [8, 16, 32]
 
 
-def _dfine(d: dict, **kw) -> dict:
-    return {**_DFINE_DECODER, **d, **kw}
+def _dfine(**kw) -> dict:
+    return {**_DFINE_DECODER, **kw}
 
 
 _SPECS: list[StudentSpec] = [
@@ -137,8 +137,8 @@ _SPECS: list[StudentSpec] = [
             expansion=0.34, depth_mult=0.5, **{**_AIFI, "use_encoder_idx": [1]},
         ),
         decoder="DFINETransformer",
-        decoder_kwargs=_dfine({}, feat_channels=[128, 128], feat_strides=[16, 32], hidden_dim=128, num_levels=2,
-                              num_layers=3, num_points=[6, 6], dim_feedforward=512),
+        decoder_kwargs=_dfine(feat_channels=[128, 128], feat_strides=[16, 32], hidden_dim=128, num_levels=2,
+                          num_layers=3, num_points=[6, 6], dim_feedforward=512),
         official=OfficialFigures(3_782_693, 3_753_799, 7.33, 7.31, 4.0, 7.0),
     ),
     StudentSpec(
@@ -153,8 +153,8 @@ _SPECS: list[StudentSpec] = [
         encoder_kwargs=dict(in_channels=[256, 512, 1024], feat_strides=_S3, hidden_dim=256, dim_feedforward=1024,
                             expansion=0.5, depth_mult=0.34, **_AIFI),
         decoder="DFINETransformer",
-        decoder_kwargs=_dfine({}, feat_channels=[256, 256, 256], feat_strides=_S3, hidden_dim=256, num_levels=3,
-                              num_layers=3, num_points=[3, 6, 3]),
+        decoder_kwargs=_dfine(feat_channels=[256, 256, 256], feat_strides=_S3, hidden_dim=256, num_levels=3,
+                          num_layers=3, num_points=[3, 6, 3]),
         official=OfficialFigures(10_321_877, 10_237_491, 25.67, 25.5, 10.0, 25.0),
     ),
     StudentSpec(
@@ -169,8 +169,8 @@ _SPECS: list[StudentSpec] = [
         encoder_kwargs=dict(in_channels=[384, 768, 1536], feat_strides=_S3, hidden_dim=256, dim_feedforward=1024,
                             expansion=1.0, depth_mult=0.67, **_AIFI),
         decoder="DFINETransformer",
-        decoder_kwargs=_dfine({}, feat_channels=[256, 256, 256], feat_strides=_S3, hidden_dim=256, num_levels=3,
-                              num_layers=4, num_points=[3, 6, 3]),
+        decoder_kwargs=_dfine(feat_channels=[256, 256, 256], feat_strides=_S3, hidden_dim=256, num_levels=3,
+                          num_layers=4, num_points=[3, 6, 3]),
         official=OfficialFigures(19_590_064, 19_248_189, 58.36, 57.03, 19.0, 57.0),
     ),
     StudentSpec(
@@ -185,8 +185,8 @@ _SPECS: list[StudentSpec] = [
         encoder_kwargs=dict(in_channels=[512, 1024, 2048], feat_strides=_S3, hidden_dim=256, dim_feedforward=1024,
                             expansion=1.0, depth_mult=1, **_AIFI),
         decoder="DFINETransformer",
-        decoder_kwargs=_dfine({}, feat_channels=[256, 256, 256], feat_strides=_S3, hidden_dim=256, num_levels=3,
-                              num_layers=6, num_points=[3, 6, 3]),
+        decoder_kwargs=_dfine(feat_channels=[256, 256, 256], feat_strides=_S3, hidden_dim=256, num_levels=3,
+                          num_layers=6, num_points=[3, 6, 3]),
         official=OfficialFigures(31_289_848, 30_769_891, 93.58, 91.6, 31.0, 91.0),
     ),
     StudentSpec(
@@ -201,8 +201,8 @@ _SPECS: list[StudentSpec] = [
         encoder_kwargs=dict(in_channels=[512, 1024, 2048], feat_strides=_S3, hidden_dim=384, dim_feedforward=2048,
                             expansion=1.0, depth_mult=1, **_AIFI),
         decoder="DFINETransformer",
-        decoder_kwargs=_dfine({}, feat_channels=[384, 384, 384], feat_strides=_S3, hidden_dim=256, num_levels=3,
-                              num_layers=6, num_points=[3, 6, 3], reg_scale=8),
+        decoder_kwargs=_dfine(feat_channels=[384, 384, 384], feat_strides=_S3, hidden_dim=256, num_levels=3,
+                          num_layers=6, num_points=[3, 6, 3], reg_scale=8),
         official=OfficialFigures(62_715_480, 61_695_555, 207.51, 203.08, 62.0, 202.0),
     ),
     # ---- DEIMv2: HGNetv2 + LiteEncoder (Atto/Femto/Pico), HGNetv2 + HybridEncoder (N) ----------------------
@@ -218,9 +218,9 @@ _SPECS: list[StudentSpec] = [
         encoder_kwargs=dict(in_channels=[256], feat_strides=[16], hidden_dim=64, expansion=0.34, depth_mult=0.5,
                             act="silu"),
         decoder="DEIMTransformer",
-        decoder_kwargs=_dfine({}, feat_channels=[64, 64], feat_strides=[16, 32], hidden_dim=64, num_levels=2,
-                              num_layers=3, num_points=[4, 2], num_queries=100, dim_feedforward=160,
-                              share_bbox_head=True, use_gateway=False),
+        decoder_kwargs=_dfine(feat_channels=[64, 64], feat_strides=[16, 32], hidden_dim=64, num_levels=2,
+                          num_layers=3, num_points=[4, 2], num_queries=100, dim_feedforward=160,
+                          share_bbox_head=True, use_gateway=False),
         official=OfficialFigures(508_985, 494_159, 0.76, 0.76, 0.49, 0.8),
     ),
     StudentSpec(
@@ -235,9 +235,9 @@ _SPECS: list[StudentSpec] = [
         encoder_kwargs=dict(in_channels=[512], feat_strides=[16], hidden_dim=96, expansion=0.34, depth_mult=0.5,
                             act="silu"),
         decoder="DEIMTransformer",
-        decoder_kwargs=_dfine({}, feat_channels=[96, 96], feat_strides=[16, 32], hidden_dim=96, num_levels=2,
-                              num_layers=3, num_points=[4, 2], num_queries=150, dim_feedforward=256,
-                              share_bbox_head=True, use_gateway=False),
+        decoder_kwargs=_dfine(feat_channels=[96, 96], feat_strides=[16, 32], hidden_dim=96, num_levels=2,
+                          num_layers=3, num_points=[4, 2], num_queries=150, dim_feedforward=256,
+                          share_bbox_head=True, use_gateway=False),
         official=OfficialFigures(983_945, 962_311, 1.68, 1.67, 1.0, 1.7),
     ),
     StudentSpec(
@@ -252,9 +252,9 @@ _SPECS: list[StudentSpec] = [
         encoder_kwargs=dict(in_channels=[512], feat_strides=[16], hidden_dim=112, expansion=0.34, depth_mult=0.5,
                             act="silu"),
         decoder="DEIMTransformer",
-        decoder_kwargs=_dfine({}, feat_channels=[112, 112], feat_strides=[16, 32], hidden_dim=112, num_levels=2,
-                              num_layers=3, num_points=[4, 2], num_queries=200, dim_feedforward=320,
-                              share_bbox_head=True, use_gateway=False),
+        decoder_kwargs=_dfine(feat_channels=[112, 112], feat_strides=[16, 32], hidden_dim=112, num_levels=2,
+                          num_layers=3, num_points=[4, 2], num_queries=200, dim_feedforward=320,
+                          share_bbox_head=True, use_gateway=False),
         official=OfficialFigures(1_539_539, 1_514_285, 5.16, 5.15, 1.5, 5.2),
     ),
     StudentSpec(
@@ -271,8 +271,8 @@ _SPECS: list[StudentSpec] = [
             depth_mult=0.5, **{**_AIFI, "use_encoder_idx": [1]}, version="dfine", csp_type="csp2", fuse_op="sum",
         ),
         decoder="DEIMTransformer",
-        decoder_kwargs=_dfine({}, feat_channels=[128, 128], feat_strides=[16, 32], hidden_dim=128, num_levels=2,
-                              num_layers=3, num_points=[6, 6], dim_feedforward=512),
+        decoder_kwargs=_dfine(feat_channels=[128, 128], feat_strides=[16, 32], hidden_dim=128, num_levels=2,
+                          num_layers=3, num_points=[6, 6], dim_feedforward=512),
         official=OfficialFigures(3_600_421, 3_571_527, 7.03, 7.02, 3.6, 6.8),
     ),
     # ---- DEIMv2: DINOv3-family ViT + STA (the data pipeline normalises with ImageNet mean/std) -----------------
@@ -288,8 +288,8 @@ _SPECS: list[StudentSpec] = [
         encoder_kwargs=dict(in_channels=[192, 192, 192], feat_strides=_S3, hidden_dim=192, dim_feedforward=512,
                             expansion=0.34, depth_mult=0.67, **_AIFI, **_DEIMV2_ENCODER),
         decoder="DEIMTransformer",
-        decoder_kwargs=_dfine({}, feat_channels=[192, 192, 192], feat_strides=_S3, hidden_dim=192, num_levels=3,
-                              num_layers=4, num_points=[3, 6, 3], dim_feedforward=512),
+        decoder_kwargs=_dfine(feat_channels=[192, 192, 192], feat_strides=_S3, hidden_dim=192, num_levels=3,
+                          num_layers=4, num_points=[3, 6, 3], dim_feedforward=512),
         official=OfficialFigures(9_779_838, 9_707_403, 49.64, 49.55, 9.71, 25.6),
         normalize_input=True,
     ),
@@ -305,8 +305,8 @@ _SPECS: list[StudentSpec] = [
         encoder_kwargs=dict(in_channels=[256, 256, 256], feat_strides=_S3, hidden_dim=256, dim_feedforward=512,
                             expansion=0.67, depth_mult=1, **_AIFI, **_DEIMV2_ENCODER),
         decoder="DEIMTransformer",
-        decoder_kwargs=_dfine({}, feat_channels=[256, 256, 256], feat_strides=_S3, hidden_dim=256, num_levels=3,
-                              num_layers=4, num_points=[3, 6, 3], dim_feedforward=512),
+        decoder_kwargs=_dfine(feat_channels=[256, 256, 256], feat_strides=_S3, hidden_dim=256, num_levels=3,
+                          num_layers=4, num_points=[3, 6, 3], dim_feedforward=512),
         official=OfficialFigures(18_357_750, 18_106_355, 84.98, 84.1, 18.1, 52.2),
         normalize_input=True,
     ),
@@ -323,8 +323,8 @@ _SPECS: list[StudentSpec] = [
         encoder_kwargs=dict(in_channels=[224, 224, 224], feat_strides=_S3, hidden_dim=224, dim_feedforward=896,
                             expansion=1.0, depth_mult=1, **_AIFI, **_DEIMV2_ENCODER),
         decoder="DEIMTransformer",
-        decoder_kwargs=_dfine({}, feat_channels=[224, 224, 224], feat_strides=_S3, hidden_dim=224, num_levels=3,
-                              num_layers=4, num_points=[3, 6, 3], dim_feedforward=1792),
+        decoder_kwargs=_dfine(feat_channels=[224, 224, 224], feat_strides=_S3, hidden_dim=224, num_levels=3,
+                          num_layers=4, num_points=[3, 6, 3], dim_feedforward=1792),
         official=OfficialFigures(32_551_214, 32_178_043, 146.01, 144.49, 32.2, 96.7),
         normalize_input=True,
     ),
@@ -341,8 +341,8 @@ _SPECS: list[StudentSpec] = [
         encoder_kwargs=dict(in_channels=[256, 256, 256], feat_strides=_S3, hidden_dim=256, dim_feedforward=1024,
                             expansion=1.25, depth_mult=1.37, **_AIFI, **_DEIMV2_ENCODER),
         decoder="DEIMTransformer",
-        decoder_kwargs=_dfine({}, feat_channels=[256, 256, 256], feat_strides=_S3, hidden_dim=256, num_levels=3,
-                              num_layers=6, num_points=[3, 6, 3], dim_feedforward=2048),
+        decoder_kwargs=_dfine(feat_channels=[256, 256, 256], feat_strides=_S3, hidden_dim=256, num_levels=3,
+                          num_layers=6, num_points=[3, 6, 3], dim_feedforward=2048),
         official=OfficialFigures(51_211_736, 50_260_163, 203.71, 199.6, 50.3, 151.6),
         normalize_input=True,
     ),

@@ -71,7 +71,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
         ("name", "name"), ("family", "family"), ("input", "input_size"), ("params", "params"),
         ("Δ", "params_diff"), ("deploy", "deploy_params"), ("Δ", "deploy_params_diff"), ("GFLOPs", "gflops"),
         ("Δ%", "gflops_diff_pct"), ("deploy GF", "deploy_gflops"), ("Δ%", "deploy_gflops_diff_pct"),
-        ("official GF", "official_gflops"), ("README M/GF", "readme"),
+        ("official GF", "official_gflops"), ("official deploy GF", "official_deploy_gflops"),
+        ("README M/GF", "readme"),
     ]
     cells = []
     for r in rows:
@@ -85,7 +86,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
     lines = ["  ".join(h.ljust(w) for (h, _), w in zip(cols, widths))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) if len(row) == len(cols) else "  ".join(row)
               for row in cells]
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def main(args: argparse.Namespace) -> int:

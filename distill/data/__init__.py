@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -68,7 +69,7 @@ def build_dataset(cfg: DataConfig | dict[str, Any], split: str, epoch: SharedEpo
     images, ann = _paths(cfg, split)
     tf = TrainTransform(cfg) if split == "train" else ValTransform(cfg)
     ds = CocoDetection(images, ann, tf, remap_category=cfg.remap_mscoco_category, strict=cfg.strict,
-                       max_samples=cfg.max_samples, epoch=epoch)
+                       max_samples=cfg.max_samples, epoch=epoch, seed=cfg.seed if split == "train" else None)
     if cfg.num_classes > 0 and ds.num_classes > cfg.num_classes:
         raise ValueError(f"data.num_classes={cfg.num_classes} but {ann} has {ds.num_classes} classes")
     return ds
@@ -94,13 +95,18 @@ class DetDataLoader(DataLoader):
 
 def make_loader(dataset: Any, collate_fn: Any, shared_epoch: SharedEpoch, batch_size: int, num_workers: int,
                 train: bool, persistent_workers: bool = True, pin_memory: bool = False,
-                drop_last: bool = True) -> DetDataLoader:
+                drop_last: bool = True, seed: int = 0) -> DetDataLoader:
     """Wrap ``dataset`` and ``collate_fn`` (both reading ``shared_epoch``) in a DetDataLoader."""
-    sampler = None
-    if dist.is_available() and dist.is_initialized():
-        sampler = DistributedSampler(dataset, shuffle=train)
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed or train:
+        # The shuffle order is a function of (seed, epoch) alone (DistributedSampler seeds seed + epoch), in one
+        # process too: it must not depend on the DataLoader's RNG draws, which differ for persistent workers.
+        world = {} if distributed else {"num_replicas": 1, "rank": 0}
+        sampler = DistributedSampler(dataset, shuffle=train, seed=seed, **world)
+    else:
+        sampler = torch.utils.data.SequentialSampler(dataset)
     return DetDataLoader(
-        dataset, shared_epoch, batch_size=batch_size, shuffle=train if sampler is None else None, sampler=sampler,
+        dataset, shared_epoch, batch_size=batch_size, sampler=sampler,
         num_workers=num_workers, collate_fn=collate_fn, drop_last=drop_last and train,
         persistent_workers=persistent_workers and num_workers > 0, pin_memory=pin_memory,
     )
@@ -115,4 +121,4 @@ def build_dataloader(cfg: DataConfig | dict[str, Any], split: str, epoch: int = 
     return make_loader(ds, Collator(cfg, shared, train=train), shared,
                        batch_size=cfg.batch_size if train else cfg.val_batch_size, num_workers=cfg.num_workers,
                        train=train, persistent_workers=cfg.persistent_workers, pin_memory=cfg.pin_memory,
-                       drop_last=cfg.drop_last)
+                       drop_last=cfg.drop_last, seed=cfg.seed)

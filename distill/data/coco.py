@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from .epoch import SharedEpoch
+from .seeding import mix, seeded
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,8 @@ class CocoDetection(Dataset):
     """A COCO-format detection dataset (see the module docstring for the sample format)."""
 
     def __init__(self, images_dir: str, ann_file: str, transforms: Any = None, remap_category: bool = True,
-                 strict: bool = False, max_samples: int = 0, epoch: SharedEpoch | None = None) -> None:
+                 strict: bool = False, max_samples: int = 0, epoch: SharedEpoch | None = None,
+                 seed: int | None = None) -> None:
         if not os.path.isfile(ann_file):
             raise FileNotFoundError(f"annotation file not found: {ann_file}")
         if not os.path.isdir(images_dir):
@@ -121,6 +123,7 @@ class CocoDetection(Dataset):
         # shared with the workers: which images failed to decode (to log each once and not retry it)
         self._unreadable = torch.zeros(len(self.ids), dtype=torch.bool).share_memory_()
         self._epoch = epoch if epoch is not None else SharedEpoch(0)
+        self.seed = seed  # None: augmentations draw from the process's RNG (no per-sample determinism)
 
     def _clean_annotations(self, image_id: int) -> list[tuple[list[float], int, float]]:
         img = self.coco.imgs[image_id]
@@ -203,7 +206,11 @@ class CocoDetection(Dataset):
     def __getitem__(self, idx: int) -> tuple[Any, dict[str, Any]]:
         image, target = self.load_item(idx)
         if self.transforms is not None:
-            image, target = self.transforms(image, target, self)
+            if self.seed is None:
+                image, target = self.transforms(image, target, self)
+            else:
+                with seeded(mix(self.seed, self.epoch, idx)):  # same augmentation for the same (epoch, sample)
+                    image, target = self.transforms(image, target, self)
         return image, target
 
     def __repr__(self) -> str:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .config import CopyBlendConfig, DataConfig
 from .epoch import SharedEpoch
+from .seeding import mix, seeded
 
 Target = dict[str, Any]
 PER_OBJECT = ("boxes", "labels", "area")
@@ -136,6 +137,11 @@ class Collator:
         if not self.train:
             return images, targets
         epoch = self.epoch
+        # the batch's random ops depend on (seed, epoch, its images) only: see seeding.py
+        with seeded(mix(self.cfg.seed, epoch, *(int(t.get("image_id", -1)) for t in targets))):
+            return self._batch_ops(images, targets, epoch)
+
+    def _batch_ops(self, images: torch.Tensor, targets: list[Target], epoch: int):
         beta = random.uniform(0.45, 0.55)
         op = self.batch_op(epoch)
         if op == "mixup":

@@ -102,6 +102,7 @@ class TrainTransform:
         }
         self.profile = False
         self.timings: dict[str, float] = defaultdict(float)
+        self._cache_epoch: int | None = None
 
     def plan(self, epoch: int) -> list[str]:
         """The op names for one sample at ``epoch`` (draws the Mosaic coin in the Mosaic stage)."""
@@ -109,6 +110,11 @@ class TrainTransform:
         return [*policy_ops(epoch, self.policy_epochs, with_mosaic), "sanitize", "flip", "resize", "sanitize2"]
 
     def __call__(self, image: Any, target: dict[str, Any], dataset: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        if dataset.epoch != self._cache_epoch:
+            # An epoch starts with an empty Mosaic cache: its contents then depend on this epoch's samples only,
+            # which keeps a resumed run identical to an uninterrupted one.
+            self.ops["mosaic"].cache.clear()
+            self._cache_epoch = dataset.epoch
         for name in self.plan(dataset.epoch):
             t0 = time.perf_counter() if self.profile else 0.0
             op = self.ops[name]

@@ -181,8 +181,9 @@ def test_distiller_training_only(student, teacher_dir):
         before = student(images)
     cfg = DistillConfig(teachers={"main": {"weights": teacher_dir}},
                         injections=[InjectionConfig(tap="F5", weight=5.0), InjectionConfig(tap="S5", weight=2.0)])
-    distiller = Distiller(cfg, student.taps, groups=student.component_groups())
-    assert distiller.tap_names == ["F5", "S5"]
+    distiller = Distiller(cfg, student)  # taps and GAM groups from the Detector
+    assert distiller.tap_names == ["F5", "S5"] == distiller.injectors.tap_names
+    assert distiller.gam is not None and "projector" in distiller.gam.group_names
     grids = distiller.teacher_features(images)
     assert grids["main"][0].shape == (1, 32, 8, 8)
     with torch.no_grad(), student.capture(distiller.tap_names) as taps:
@@ -241,3 +242,51 @@ def test_distiller_step_metrics_and_state(student, teacher_dir):
     other = Distiller(cfg, student.taps, groups=student.component_groups())
     other.load_state_dict(state)
     assert other.weights == distiller.weights and other.gam.history == distiller.gam.history
+
+
+class FakeTeacher(nn.Module):
+    """A frozen-to-be conv: images B x 3 x H x W -> [B x 7 x H/4 x W/4]."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 7, 4, stride=4)
+        self.dims = [7]
+
+    def features(self, images):
+        with torch.no_grad():
+            return [self.conv(images)]
+
+
+def test_several_injections_gam_drives_one():
+    model = TinyStudent()
+    cfg = DistillConfig(
+        teachers={"t": {}},
+        injections=[InjectionConfig(tap="F5", weight=2.0), InjectionConfig(tap="S5", weight=3.0)],
+        gam=GAMConfig(enabled=True, rule="paper", rho=0.5, delta=0.01, injection="S5", count_projectors=False),
+    )
+    groups = {"backbone": list(model.backbone.parameters()), "aifi": list(model.aifi.parameters()),
+              "decoder": list(model.head.parameters())}
+    teacher = FakeTeacher()
+    distiller = Distiller(cfg, {"S5": 4, "F5": 5}, teachers={"t": teacher}, groups=groups)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    images = torch.rand(2, 3, 8, 8)
+    taps, head = model(images)
+    losses = distiller.losses(taps, distiller.teacher_features(images))
+    assert set(losses) == {"loss_distill/F5", "loss_distill/S5"}
+    (sum(losses.values()) + head).backward()
+    distiller.after_backward()
+    l1 = {g: sum(p.grad.abs().sum().item() for p in ps) for g, ps in groups.items()}
+    ratio = l1["aifi"] / sum(l1.values())
+    metrics = distiller.end_epoch(0, 10)
+    assert metrics["aifi_grad_ratio"] == pytest.approx(ratio, rel=1e-5)
+    assert metrics["distill_weight/F5"] == 2.0 and metrics["distill_weight/S5"] == 3.0
+    assert {"distill_cos/F5", "distill_cos/S5", "teacher_norm/S5", "grad_share/backbone"} <= set(metrics)
+    assert distiller.weights["F5"] == 2.0  # not driven
+    target = 0.51 if ratio < 0.49 else 0.49
+    assert distiller.weights["S5"] == pytest.approx(3.0 * target / ratio, rel=1e-5)
+    with pytest.raises(ValueError, match="equal weights"):
+        Distiller(DistillConfig(teachers=cfg.teachers, injections=cfg.injections, gam=GAMConfig(injection="all")),
+                  {"S5": 4, "F5": 5}, teachers={"t": teacher}, groups=groups)
+    with pytest.raises(ValueError, match=r"tap 'S3' does not exist.*valid taps"):
+        Distiller(DistillConfig(teachers=cfg.teachers, injections=[InjectionConfig(tap="a")]), {"S5": 4, "F5": 5},
+                  teachers={"t": teacher})

@@ -223,3 +223,31 @@ def test_calibrate(static_grid, capsys):
     saved = json.loads((static_grid / "calibration.json").read_text())
     assert saved["rho"] == pytest.approx(rho) and saved["gam"]["enabled"] is True
     assert "rho = " in capsys.readouterr().out
+
+
+def test_accelerate_command_parses_as_distill_train(tmp_path):
+    import sys
+
+    from distill import train_cmd
+    from distill.grid import accelerate_command
+
+    grid = load_grid(_grid(tmp_path, axes=[TAPS]))
+    run = expand(grid)[0]
+    out = str(tmp_path / "out" / run.dirname)
+    cmd = accelerate_command(grid.base, run.override_args(), out, ["--num_processes", "2"])
+    assert cmd[:5] == [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2"]
+    assert cmd[5:9] == ["-m", "distill.cli", "train", grid.base]
+    parser = argparse.ArgumentParser()
+    train_cmd.add_arguments(parser)
+    args = parser.parse_args(cmd[8:])
+    assert args.config == grid.base
+    assert [yaml.safe_load(o.split("=", 1)[1]) for o in args.overrides] == [[{"tap": "F5"}], out]
+
+
+def test_output_dir_from_file_or_command_line(tmp_path, monkeypatch):
+    sub = tmp_path / "grids"
+    sub.mkdir()
+    path = _grid(sub, axes=[WEIGHTS])
+    assert load_grid(path).output_dir == str(sub / "out")  # the file's own: relative to the file
+    monkeypatch.chdir(tmp_path)
+    assert load_grid(path, output_dir="cli_out").output_dir == str(tmp_path / "cli_out")  # relative to the cwd

@@ -100,11 +100,16 @@ def test_forward_train_step_taps_and_deploy(name):
     assert dets[0]["scores"].shape == dets[0]["labels"].shape
 
 
-def test_unknown_tap_lists_valid_names():
+def test_unknown_tap_lists_valid_names_and_predict():
     model = build_student("deimv2_atto", input_size=(160, 160), check_taps=False)
     with pytest.raises(KeyError) as err:
         model.capture(["S3"])
     assert "S4" in str(err.value) and "F5" in str(err.value)
+    # predict: eval forward + postprocess in the input's pixels, training mode restored
+    model.train()
+    dets = model.predict(torch.rand(2, 3, 160, 160))
+    assert model.training and len(dets) == 2
+    assert dets[1]["boxes"].shape == (300, 4) and dets[1]["boxes"].min() >= 0 and dets[1]["boxes"].max() <= 160
 
 
 def test_check_taps_is_side_effect_free_and_catches_wrong_metadata():

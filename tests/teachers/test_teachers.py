@@ -213,3 +213,24 @@ def test_errors_name_the_problem(monkeypatch, tmp_path):
     with pytest.raises(OSError, match="gated") as err:
         load_teacher("dinov3_vitb16")
     assert "facebook/dinov3-vitb16-pretrain-lvd1689m" in str(err.value)
+
+
+def test_a_trained_detector_is_a_teacher(tmp_path):
+    from students import build_student
+
+    student = build_student("deimv2_atto", num_classes=3, input_size=(160, 160))
+    path = tmp_path / "best.pt"
+    ckpt = {"version": 1, "student": "deimv2_atto", "num_classes": 3, "config": {"data": {"img_size": 160}}}
+    torch.save({**ckpt, "model": student.state_dict()}, path)
+    teacher = load_teacher({"checkpoint": str(path), "tap": "F5"})
+    assert teacher.dim == student.taps["F5"].channels and teacher.stride == 32
+    assert all(not p.requires_grad for p in teacher.parameters())
+    images = torch.rand(2, 3, 160, 224)
+    (grid,) = teacher.features(images)
+    assert grid.shape == (2, teacher.dim, 5, 7)
+    student.eval()
+    with student.capture(["F5"]) as taps, torch.no_grad():
+        student(images)
+    torch.testing.assert_close(grid, taps["F5"])  # exactly the tap of the trained model, unnormalised input
+    with pytest.raises(ValueError, match="valid"):
+        load_teacher({"checkpoint": str(path), "tap": "F9"})

@@ -1,0 +1,45 @@
+"""A detector trained by this framework as a teacher: big-detector-to-small-detector distillation.
+
+``{checkpoint: RUN_DIR/checkpoints/best.pt, tap: F5}`` loads the EMA student of that run and returns the map at
+the tap (stride 32 for F5/P5/S5). It also gives a teacher with real signal on machines where foundation-model
+weights cannot be downloaded.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Teacher
+
+
+class DetectorTeacher(Teacher):
+    def __init__(self, checkpoint: str, tap: str = "F5", name: str = "", **policy):
+        from distill.trained import load_trained
+
+        student, ckpt = load_trained(checkpoint)
+        if tap not in student.taps:
+            raise ValueError(f"teacher checkpoint {checkpoint}: unknown tap {tap!r}; valid: {sorted(student.taps)}")
+        info = student.taps[tap]
+        # A detector sees the student's own [0, 1] images; it normalises inside itself where it needs to.
+        super().__init__(
+            name or f"{ckpt['student']}:{tap}", info.stride, [info.channels], (0.0, 0.0, 0.0), (1.0, 1.0, 1.0),
+            **{"input": "native", **policy},
+        )  # fmt: skip
+        self.model = student
+        self.tap = tap
+        self.freeze()
+
+    def input_size(self, height: int, width: int) -> tuple[int, int]:
+        # The detector runs on the student's batch as it is (sizes are already multiples of 32).
+        if self.input_policy in ("match", "native"):
+            return height, width
+        return super().input_size(height, width)
+
+    @property
+    def stride(self) -> int | None:
+        return self.patch_size if self.input_policy in ("match", "native") else None
+
+    def encode(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        with self.model.capture([self.tap]) as taps:
+            self.model(pixels)
+        return [taps[self.tap]]

@@ -1,0 +1,312 @@
+"""PCA colour mapping, the Fig. 4 feature panel, training curves and grid results (distill.viz, distill viz ...).
+
+Artefacts are made here: random DEIM-D-FINE-N students saved as a plain run (best.pt) and a distillation run
+(best.pt + last.pt with its DSI projector), a tiny DINOv3 teacher saved with save_pretrained, synthetic scenes,
+metrics.jsonl / config.yaml / summary.json of fake runs and a results.csv.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import students
+from distill import cli, viz
+from distill.config import TrainConfig, to_dict
+from distill.data.synth import render_scene
+from distill.dsi import DistillConfig, Injectors, dsi_loss, resolve_injections
+from distill.engine import TrainModel
+from distill.pca import PCABasis, foreground_mask, resize_mask
+from distill.trained import load_trained
+
+SIZE = 128
+STUDENT = "deim_dfine_n"
+
+
+# ---- artefacts -------------------------------------------------------------------------------------------------
+def write_checkpoints(root: str, teacher_dir: str, distill: bool, seed: int) -> tuple[str, Injectors | None]:
+    """A run dir with checkpoints/best.pt (and last.pt holding the DSI projector when ``distill``)."""
+    torch.manual_seed(seed)
+    student = students.build_student(STUDENT, num_classes=3, input_size=(SIZE, SIZE))
+    cfg = to_dict(TrainConfig())
+    cfg["model"]["student"] = STUDENT
+    cfg["data"]["img_size"] = SIZE
+    injectors = None
+    if distill:
+        cfg["distill"]["teachers"] = {"main": {"weights": teacher_dir}}
+        cfg["distill"]["gam"].update(enabled=True, rho=0.11, delta=0.01)
+        injectors = Injectors(resolve_injections(DistillConfig.from_dict(cfg["distill"])), student.taps, {"main": [32]})
+    ckpt_dir = os.path.join(root, "checkpoints")
+    os.makedirs(ckpt_dir, exist_ok=True)
+    base = {"version": 1, "student": STUDENT, "num_classes": 3, "class_names": ["a", "b", "c"], "config": cfg,
+            "epoch": 2, "metrics": {"AP": 0.1}}
+    torch.save({**base, "model": student.state_dict()}, os.path.join(ckpt_dir, "best.pt"))
+    if distill:
+        torch.save({**base, "train_model": TrainModel(student, injectors).state_dict(), "model": student.state_dict(),
+                    "ema": {"module": student.state_dict()}}, os.path.join(ckpt_dir, "last.pt"))
+    return root, injectors
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    import transformers as T
+
+    root = tmp_path_factory.mktemp("viz")
+    teacher_dir = str(root / "teacher")
+    config = T.DINOv3ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                               patch_size=16, num_register_tokens=0)
+    T.DINOv3ViTModel(config).save_pretrained(teacher_dir)
+    images = root / "images"
+    images.mkdir()
+    for i in range(2):
+        render_scene(np.random.default_rng([0, 1, i]), SIZE)[0].save(images / f"{i:06d}.jpg")
+    plain, _ = write_checkpoints(str(root / "plain"), teacher_dir, False, seed=1)
+    distilled, injectors = write_checkpoints(str(root / "distilled"), teacher_dir, True, seed=2)
+    return {"root": root, "teacher": teacher_dir, "images": str(images), "plain": plain, "distilled": distilled,
+            "injectors": injectors}
+
+
+def write_run(path, n_epochs: int, weight: float | None, gam: bool, nan_epoch: int | None = None) -> str:
+    os.makedirs(path, exist_ok=True)
+    cfg = {"distill": {"teachers": {"main": {"preset": "dinov3_vitb16"}} if weight else {},
+                       "gam": {"enabled": gam, "rho": 0.035, "delta": 0.0025}}}
+    with open(os.path.join(path, "config.yaml"), "w") as f:
+        yaml.safe_dump(cfg, f)
+    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        for e in range(n_epochs):
+            rec = {"epoch": e, "lr": 1e-3, "loss": 10.0 - e, "loss_mal": 1.0 / (e + 1), "loss_bbox_aux_0": 0.3,
+                   "loss_giou_dn_pre": 0.2, "AP": None if e == nan_epoch else 0.1 * e + (0.05 if gam else 0.0)}
+            if weight:
+                rec.update({"distill_weight": weight * (1 + e if gam else 1), "aifi_grad_ratio": 0.03 + 0.001 * e,
+                            "loss_distill": 0.5})
+            f.write(json.dumps(rec) + "\n")
+    return str(path)
+
+
+def png_stats(path: str) -> tuple[tuple[int, int], float]:
+    with Image.open(path) as im:
+        arr = np.asarray(im.convert("RGB"), dtype=np.float64)
+    return (arr.shape[1], arr.shape[0]), float(arr.std())
+
+
+# ---- PCA -------------------------------------------------------------------------------------------------------
+def planted_grid(h=12, w=12, c=16, seed=0) -> tuple[torch.Tensor, torch.Tensor]:
+    """C x h x w grid = three spatial patterns embedded along orthonormal channel directions, plus tiny noise."""
+    g = torch.Generator().manual_seed(seed)
+    patterns = torch.randn(3, h, w, generator=g) * torch.tensor([3.0, 2.0, 1.0])[:, None, None]
+    basis, _ = torch.linalg.qr(torch.randn(c, 3, generator=g))
+    grid = torch.einsum("ck,khw->chw", basis, patterns) + 1e-3 * torch.randn(c, h, w, generator=g)
+    return grid, patterns
+
+
+def test_pca_rgb_recovers_planted_components_with_robust_ranges():
+    grid, patterns = planted_grid()
+    rgb = PCABasis.fit(grid).rgb(grid)
+    assert rgb.shape == (12, 12, 3) and rgb.min() >= 0 and rgb.max() <= 1
+    # each colour channel is (up to sign and clipping) one planted pattern, in order of variance
+    for k in range(3):
+        r = np.corrcoef(rgb[..., k].ravel(), patterns[k].numpy().ravel())[0, 1]
+        assert abs(r) > 0.9, (k, r)
+    # 2-98th percentiles: about 2% of positions saturate at each end, not only the single extreme
+    assert 0 < (rgb[..., 0] == 0).mean() < 0.06 and 0 < (rgb[..., 0] == 1).mean() < 0.06
+
+
+def test_pca_outlier_does_not_wash_out_the_colours():
+    grid, _ = planted_grid()
+    grid[:, 0, 0] *= 1000.0  # one extreme position (min/max scaling would squeeze everything else to one colour)
+    rgb = PCABasis.fit(grid).rgb(grid)
+    rest = rgb.reshape(-1, 3)[1:]
+    assert rest.std(axis=0).min() > 0.1
+
+
+def test_pca_basis_is_reused_not_refitted():
+    grid, _ = planted_grid()
+    basis = PCABasis.fit(grid)
+    other = torch.cat([grid[:, :6], 5.0 * torch.randn(16, 6, 12)], dim=1)  # top half shared, bottom half new
+    np.testing.assert_allclose(basis.rgb(other)[:6], basis.rgb(grid)[:6])
+    # a basis fitted on the other grid colours the shared half differently: reuse is what makes maps comparable
+    assert not np.allclose(PCABasis.fit(other).rgb(other)[:6], basis.rgb(grid)[:6], atol=1e-2)
+
+
+def test_foreground_mask_from_first_component_and_border_sign():
+    g = torch.Generator().manual_seed(0)
+    u = torch.nn.functional.normalize(torch.randn(8, generator=g), dim=0)
+    fg = torch.zeros(10, 10, dtype=torch.bool)
+    fg[3:7, 2:8] = True
+    grid = torch.where(fg, 1.0, -0.5)[None] * u[:, None, None] + 0.05 * torch.randn(8, 10, 10, generator=g)
+    for sign in (1.0, -1.0):  # PCA's sign is arbitrary; the border decides which side is background
+        (mask,) = foreground_mask([sign * grid])
+        assert torch.equal(mask, fg)
+    assert torch.equal(resize_mask(fg, (20, 20))[::2, ::2], fg)
+    assert resize_mask(fg, (5, 5)).shape == (5, 5)
+
+
+def test_pca_fit_on_foreground_only():
+    grid, _ = planted_grid()
+    mask = torch.zeros(12, 12, dtype=torch.bool)
+    mask[:, :6] = True
+    masked = PCABasis.fit(grid, mask)
+    left_only = PCABasis.fit(grid[:, :, :6])
+    np.testing.assert_allclose(np.abs(masked.pca.components_), np.abs(left_only.pca.components_), atol=1e-8)
+
+
+# ---- panel pieces ----------------------------------------------------------------------------------------------
+def test_cosine_map_by_hand_and_resize():
+    s = torch.tensor([[[1.0, 0.0]], [[0.0, 2.0]]])  # 2 x 1 x 2: positions (1, 0) and (0, 2)
+    t = torch.tensor([[[1.0, 1.0]], [[1.0, 0.0]]])  # (1, 1) and (1, 0)
+    torch.testing.assert_close(viz.cosine_map(s, t), torch.tensor([[1 / math.sqrt(2), 0.0]]))
+    big = torch.ones(2, 4, 4)  # teacher on a finer grid: constant, so any resize keeps it
+    torch.testing.assert_close(viz.cosine_map(torch.ones(2, 2, 2), big), torch.ones(2, 2))
+
+
+def test_fitted_cosines_recover_a_linear_teacher():
+    g = torch.Generator().manual_seed(0)
+    f5 = [torch.randn(6, 8, 8, generator=g) for _ in range(3)]
+    w = torch.randn(5, 6, generator=g)
+    teacher = [torch.einsum("dc,chw->dhw", w, f) for f in f5]
+    cos = viz.fitted_cosines(f5, teacher)
+    assert all(c.shape == (8, 8) for c in cos)
+    assert min(float(c.min()) for c in cos) > 0.99
+    unrelated = viz.fitted_cosines(f5, [torch.randn(5, 8, 8, generator=g) for _ in range(3)])
+    assert float(torch.stack(unrelated).mean()) < 0.6
+
+
+def test_projector_loaded_from_last_pt_matches_training(art):
+    projector, note = viz.load_projector(art["distilled"])
+    assert projector is not None and "last.pt" in note
+    x = torch.randn(1, 128, 3, 3)  # F5 of deim_dfine_n has 128 channels
+    with torch.no_grad():
+        torch.testing.assert_close(projector(x), art["injectors"].projectors["F5"](x))
+    # best.pt path finds the sibling last.pt; a plain run has none
+    assert viz.load_projector(os.path.join(art["distilled"], "checkpoints", "best.pt"))[0] is not None
+    none, why = viz.load_projector(art["plain"])
+    assert none is None and why == "no last.pt"
+
+
+def test_checkpoint_features_cosine_agrees_with_dsi_loss(art):
+    from teachers import load_teacher
+
+    images = viz.load_images(viz.image_paths([art["images"]], 2), SIZE)
+    teacher = load_teacher({"weights": art["teacher"]})
+    grids = viz.teacher_grids_for(teacher, images)
+    feats = viz.checkpoint_features(art["distilled"], images, teacher_grids=grids)
+    assert list(feats.taps) == ["F5", "P4", "P5"]  # deim_dfine_n has no P3
+    assert feats.taps["F5"][0].shape == (128, SIZE // 32, SIZE // 32)
+    assert feats.cos_source == "projector" and feats.note == ""
+    student, _ = load_trained(art["distilled"])
+    with torch.no_grad(), student.capture(["F5"]) as taps:
+        student.encoder(student.backbone(images[0][None]))
+        ref = dsi_loss(art["injectors"].projectors["F5"](taps["F5"]), grids[0][None], "cosine")
+    assert float(feats.cos[0].mean()) == pytest.approx(float(ref["cos"]), abs=1e-5)
+    plain = viz.checkpoint_features(art["plain"], images, teacher_grids=grids)
+    assert plain.cos_source == "fit" and "ridge" in plain.note
+    assert viz.checkpoint_features(art["plain"], images, teacher_grids=grids, cosine="none").cos is None
+
+
+def test_fit_bases_reference_auto_and_each():
+    grid, _ = planted_grid()
+    a = viz.CheckpointFeatures("a", {"F5": [grid]}, run="/r1")
+    b = viz.CheckpointFeatures("b", {"F5": [grid.flip(-1)]}, run="/r1")
+    c = viz.CheckpointFeatures("c", {"F5": [torch.randn(8, 12, 12)]}, run="/r2")  # other channel count
+    same_run = viz.fit_bases([a, b], "auto")
+    assert same_run[0]["F5"] is same_run[1]["F5"]
+    assert viz.resolve_basis([a, c], "auto") == "each"
+    each = viz.fit_bases([a, b], "each")
+    assert each[0]["F5"] is not each[1]["F5"]
+    mixed = viz.fit_bases([a, c], "reference")
+    assert mixed[1]["F5"].pca.n_features_in_ == 8 and "own PCA basis" in c.note
+    with pytest.raises(ValueError, match="basis"):
+        viz.fit_bases([a], "global")
+
+
+# ---- commands --------------------------------------------------------------------------------------------------
+def test_viz_pca_command_two_checkpoints(art, capsys):
+    out = str(art["root"] / "fig4.png")
+    rc = cli.main(["viz", "pca", "--checkpoint", art["plain"], "--checkpoint", art["distilled"],
+                   "--labels", "plain", "distilled", "--images", art["images"], "--foreground", "--out", out])
+    assert rc == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["teacher"] == "main" and len(report["images"]) == 2
+    assert [r["cos_source"] for r in report["rows"]] == ["fit", "projector"]
+    (w, h), std = png_stats(out)
+    # 2 images x 2 checkpoints = 4 rows; 6 columns (input, F5, P4, P5, teacher, cos)
+    assert w > 1000 and h > 700 and w > h
+    assert std > 20
+
+
+def test_viz_pca_command_without_teacher_and_bad_labels(art, capsys):
+    out = str(art["root"] / "one.png")
+    assert cli.main(["viz", "pca", "--checkpoint", art["plain"], "--no-teacher",
+                     "--images", os.path.join(art["images"], "000000.jpg"), "--out", out]) == 0
+    (w, h), std = png_stats(out)
+    assert w > 2 * h and std > 20  # one row of 4 cells
+    assert cli.main(["viz", "pca", "--checkpoint", art["plain"], "--labels", "a", "b", "--out", out]) == 2
+    assert "--labels has 2 entries for 1 checkpoints" in capsys.readouterr().err
+
+
+def test_read_run_series_band_and_loss_terms(tmp_path):
+    run = viz.read_run(write_run(tmp_path / "gam", 4, 5.0, gam=True, nan_epoch=1))
+    assert run.band == pytest.approx((0.0325, 0.0375))
+    assert run.series("AP") == ([0, 2, 3], [pytest.approx(0.05), pytest.approx(0.25), pytest.approx(0.35)])
+    assert run.loss_terms() == ["loss", "loss_distill", "loss_mal"]  # per-layer copies left out
+    assert run.keys("distill_weight") == ["distill_weight"]
+    static = viz.read_run(write_run(tmp_path / "static", 2, 20.0, gam=False))
+    assert static.band is None  # a static weight has no target band
+    md = viz.dynamics_markdown([run, static]).splitlines()
+    # gam: AP 0.35 best at epoch 3; weights 5*(1+e) -> 20 last; ratios 3.0..3.3% -> mean 3.15%, band 3.25-3.75%
+    assert md[2] == "| gam | 4 | 35.00 (3) | 20 | 3.15% | 1/4 |"
+    assert md[3] == "| static | 2 | 10.00 (1) | 20 | 3.05% | – |"
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "metrics.jsonl").write_text('{"epoch": 0}\n{oops\n')
+    with pytest.raises(ValueError, match="metrics.jsonl:2"):
+        viz.read_run(str(tmp_path / "bad"))
+
+
+def test_viz_curves_command(tmp_path, capsys):
+    runs = [write_run(tmp_path / "base", 5, None, False), write_run(tmp_path / "static", 5, 20.0, False),
+            write_run(tmp_path / "gam", 5, 5.0, True)]
+    out = str(tmp_path / "curves.png")
+    assert cli.main(["viz", "curves", *runs, "--out", out, "--title", "t"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["label"] for r in report["runs"]] == ["base", "static", "gam"]
+    assert report["runs"][2]["best_AP"] == pytest.approx(0.45)
+    (w, h), std = png_stats(out)
+    assert w > 1200 and h > 800 and std > 10
+    assert cli.main(["viz", "curves", str(tmp_path / "nowhere"), "--out", out]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_grid_results_table_and_plot(tmp_path):
+    rows = ["run,status,distill.gam.enabled,seed,best_AP,best_epoch,AP50,mean_aifi_grad_ratio,epochs",
+            "r0,done,false,0,0.30,5,0.5,0.05,6", "r1,done,false,1,0.32,5,0.5,0.07,6",
+            "r2,done,true,0,0.40,5,0.6,0.11,6", "r3,done,true,1,,5,,,6"]
+    (tmp_path / "results.csv").write_text("\n".join(rows) + "\n")
+    table = viz.read_results(str(tmp_path))
+    assert table.axes == ["distill.gam.enabled", "seed"] and table.seed_axis == "seed"
+    md = viz.results_markdown(table).splitlines()
+    # mean and sample std of 30 and 32 (in %): 31.00 ± 1.41; the empty AP of r3 is skipped
+    assert md[2] == "| false | 2 | 31.00 ± 1.41 | 50.00 ± 0.00 | 6.00 ± 1.41 |"
+    assert md[3] == "| true | 2 | 40.00 | 60.00 | 11.00 |"
+    out = viz.save(viz.plot_results(table), str(tmp_path / "grid.png"))
+    (w, h), std = png_stats(out)
+    assert w > 1000 and std > 5
+    with pytest.raises(FileNotFoundError, match="distill collect"):
+        viz.read_results(str(tmp_path / "missing"))
+
+
+def test_feature_panel_same_run_shares_bases(art):
+    ckpts = [os.path.join(art["distilled"], "checkpoints", n) for n in ("best.pt", "last.pt")]
+    panel = viz.feature_panel(ckpts, [os.path.join(art["images"], "000001.jpg")], labels=["best", "last"])
+    assert panel.teacher == "main" and panel.size == SIZE  # both read from the checkpoint's config
+    assert viz.resolve_basis(panel.features, "auto") == "reference"
+    cos = panel.mean_cos()
+    assert cos[0] == pytest.approx(cos[1])  # same weights in both files here, same projector
+    md = panel.markdown().splitlines()
+    assert len(md) == 4 and "the run's DSI projector" in md[2] and md[2].startswith("| best | F5, P4, P5 |")
