@@ -24,7 +24,6 @@ from typing import Any
 import yaml
 
 from .data.config import DataConfig
-
 from .dsi import DistillConfig
 
 

@@ -445,7 +445,8 @@ class Trainer:
                 self._stage_two(epoch)
             t0 = time.perf_counter()
             record = {"epoch": epoch}
-            record.update(self.train_one_epoch(epoch))
+            with torch.enable_grad():  # whatever a caller switched off globally, training needs autograd
+                record.update(self.train_one_epoch(epoch))
             record["lr"] = self.optimizer.param_groups[-1]["lr"]  # the default group, at the base LR
             if self.distiller is not None:
                 record.update(self.distiller.end_epoch(epoch, stop_epoch))

@@ -9,9 +9,9 @@ Feature panel
     and reused for every checkpoint, so the same colour means the same direction in feature space.
 
     The projection for the cosine map is the run's own DSI projector (``injectors.projectors.<name>`` in the
-    ``train_model`` state of ``last.pt``). A checkpoint without one (a plain run) gets a ridge regression fitted
-    from its F5 to the teacher on the shown images instead, labelled as such; ``cosine='fit'`` uses that fit for
-    every checkpoint, which is the like-for-like comparison.
+    ``train_model`` state of ``last.pt``). A checkpoint without one (a plain run) gets a ridge regression from
+    its F5 to the teacher instead, fitted on the shown images and evaluated on held-out positions (5-fold),
+    labelled as such; ``cosine='fit'`` uses that fit for every checkpoint, the like-for-like comparison.
 
 Curves
     AP per epoch of several runs on one axis, the DSI weight and the AIFI gradient share per epoch with the GAM
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import PercentFormatter
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 if TYPE_CHECKING:
     import torch
@@ -145,23 +145,29 @@ def _positions(grids: Sequence[torch.Tensor]) -> np.ndarray:
     return np.concatenate([g.permute(1, 2, 0).reshape(-1, g.shape[0]).double().numpy() for g in grids])
 
 
-def fitted_cosines(f5: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Cosine maps after a ridge regression from F5 (C x h x w each) to the teacher (D x h' x w', resized to F5)
-    fitted on all the given positions; the ridge strength is chosen by leave-one-out CV (a plain least-squares
-    fit would reach cosine 1 whenever there are fewer positions than channels)."""
+def fitted_cosines(f5: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], folds: int = 5) -> list[torch.Tensor]:
+    """Cosine maps of a ridge regression from F5 (C x h x w each) to the teacher (D x h' x w', resized to F5).
+
+    Every position is predicted by a model fitted on the other folds (``folds``-fold, positions shuffled), the
+    ridge strength chosen inside by leave-one-out CV: an in-sample fit would approach cosine 1 whenever there
+    are about as many channels as positions, which says nothing about the features."""
     import torch
     import torch.nn.functional as F
     from sklearn.linear_model import RidgeCV
+    from sklearn.model_selection import KFold, cross_val_predict
 
     targets = [
         F.interpolate(t[None], size=s.shape[-2:], mode="bilinear", align_corners=False)[0] for s, t in zip(f5, teacher)
     ]
-    model = RidgeCV(alphas=np.logspace(-3, 4, 15)).fit(_positions(f5), _positions(targets))
-    out = []
+    x, y = _positions(f5), _positions(targets)
+    cv = KFold(n_splits=max(2, min(folds, x.shape[0])), shuffle=True, random_state=0)
+    pred = cross_val_predict(RidgeCV(alphas=np.logspace(-3, 4, 15)), x, y, cv=cv)
+    out, start = [], 0
     for s, t in zip(f5, targets):
-        pred = model.predict(_positions([s]))
-        grid = torch.from_numpy(pred).float().reshape(*s.shape[-2:], -1).permute(2, 0, 1)
+        n = s.shape[-2] * s.shape[-1]
+        grid = torch.from_numpy(pred[start:start + n]).float().reshape(*s.shape[-2:], -1).permute(2, 0, 1)
         out.append(cosine_map(grid, t))
+        start += n
     return out
 
 
@@ -202,7 +208,7 @@ def checkpoint_features(
         except RuntimeError as err:  # a different teacher than the run's: the dimensions do not match
             why = f"projector does not fit this teacher ({err})"
     feats.cos, feats.cos_source = fitted_cosines(f5, teacher_grids), "fit"
-    feats.note = f"cosine after a ridge fit ({why})"
+    feats.note = f"cosine from a ridge fit, held-out positions ({why})"
     return feats
 
 
@@ -326,7 +332,7 @@ def plot_feature_panel(
                         ax.axis("off")
                         continue
                     cos_image = _show(ax, feats.cos[i].numpy(), extent, cmap="viridis", vmin=0.0, vmax=1.0)
-                    tag = "proj." if feats.cos_source == "projector" else "ridge fit"
+                    tag = "proj." if feats.cos_source == "projector" else "ridge, held-out"
                     ax.set_xlabel(f"mean {feats.cos[i].mean():.2f} ({tag})", fontsize=7)
                 elif col in feats.taps:
                     _show(ax, bases[k][col].rgb(feats.taps[col][i]), extent)
@@ -438,7 +444,8 @@ class FeaturePanel:
         """One line per checkpoint: taps, mean cosine with the teacher and how it was obtained, notes."""
         lines = ["| checkpoint | taps | mean cos(F5, teacher) | cosine from | note |", "|---|---|---|---|---|"]
         for f, cos in zip(self.features, self.mean_cos()):
-            source = {"projector": "the run's DSI projector", "fit": "ridge fit on these images"}.get(f.cos_source, "–")
+            source = {"projector": "the run's DSI projector",
+                      "fit": "ridge fit on these images (held-out folds)"}.get(f.cos_source, "–")
             lines.append(f"| {f.label.replace(chr(10), ' ')} | {', '.join(f.taps)} | "
                          f"{'–' if cos is None else f'{cos:.3f}'} | {source} | {f.note or ''} |")
         return "\n".join(lines)
@@ -580,7 +587,7 @@ def plot_curves(runs: Sequence[RunCurves], title: str | None = None):
         c = colours[n % len(colours)]
         e, ap = run.series("AP")
         if e:
-            best = run.summary.get("best_AP", max(ap))
+            best = max(ap)  # of the curve drawn (summary.json can hold a best from an earlier, resumed stage)
             ax_ap.plot(e, [100 * v for v in ap], marker="o", ms=3, color=c,
                        label=f"{run.label} (best {100 * best:.1f})")
         for j, key in enumerate(run.keys("distill_weight")):
@@ -608,6 +615,7 @@ def plot_curves(runs: Sequence[RunCurves], title: str | None = None):
         ax_l.set_yscale("log")
     for ax, empty in ((ax_ap, "no AP recorded"), (ax_w, "no distillation weight recorded (plain runs)"),
                       (ax_r, "no AIFI gradient share recorded"), (ax_l, "no loss terms recorded")):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.get_lines():
             ax.legend(fontsize=7, ncol=2 if len(ax.get_lines()) > 8 else 1)
             ax.grid(alpha=0.3)
@@ -731,7 +739,8 @@ def plot_results(table: GridTable, title: str | None = None):
     fig = Figure(figsize=(12 if has_ratio else 7, 4.5), layout="tight")
     axs = fig.subplots(1, 2 if has_ratio else 1, squeeze=False)
     ax = axs[0, 0]
-    labels = ["\n".join(f"{a.rsplit('.', 1)[-1]}={v}" for a, v in zip(axes_names, key)) or "all" for key in cells]
+    short = [".".join(a.split(".")[-2:]) for a in axes_names]  # 'distill.gam.enabled' -> 'gam.enabled'
+    labels = ["\n".join(f"{a}={v}" for a, v in zip(short, key)) or "all" for key in cells]
     for x, rows in enumerate(cells.values()):
         aps = [100 * r["best_AP"] for r in rows if _finite(r.get("best_AP"))]
         if not aps:

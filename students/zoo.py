@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--names", nargs="+", metavar="NAME", help=f"scales to list (default: all): {list(STUDENTS)}")
     parser.add_argument("--json", action="store_true", help="print a JSON list of objects instead of a table")
     parser.add_argument("--no-flops", action="store_true", help="params only (no forward passes)")
+    parser.add_argument(
+        "--compare", metavar="RUN_DIR", help="the run's deployed student with and without distillation parts"
+    )
 
 
 def measure(name: str, flops: bool = True) -> dict[str, Any]:
@@ -90,6 +93,12 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.compare:
+        from distill.export import compare_run, format_comparison
+
+        report = compare_run(args.compare)
+        print(json.dumps(report, indent=2) if args.json else format_comparison(report))
+        return 0 if report["zero_overhead"] else 1
     names = args.names or list(STUDENTS)
     unknown = [n for n in names if n not in STUDENTS]
     if unknown:

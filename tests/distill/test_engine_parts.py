@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from distill.config import ConfigError, OptimConfig, ScheduleConfig, apply_overrides, build, load_config, TrainConfig
+from distill.config import ConfigError, OptimConfig, ScheduleConfig, TrainConfig, apply_overrides, build, load_config
 from distill.ema import ModelEMA
 from distill.optim import build_optimizer
 from distill.schedule import flat_cosine
