@@ -124,8 +124,8 @@ def real_batch(cfg: TrainConfig, batch: int, size: int) -> tuple[torch.Tensor, l
 # Timing from outside the step
 # ---------------------------------------------------------------------------------------------------------------
 class PhaseClock:
-    """Named time spans of one step. CPU: wall time. CUDA: event pairs, read back by :meth:`seconds` after the
-    step's closing synchronize, so timing adds no host sync inside the step."""
+    """Named time spans of one step. CPU: wall time and process CPU time. CUDA: event pairs, read back by
+    :meth:`seconds` after the step's closing synchronize, so timing adds no host sync inside the step."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -142,7 +142,7 @@ class PhaseClock:
             event.record()
             self._open[phase] = event
         else:
-            self._open[phase] = time.perf_counter()
+            self._open[phase] = (time.perf_counter(), time.process_time())
 
     def stop(self, phase: str) -> None:
         begin = self._open.pop(phase)
@@ -151,7 +151,7 @@ class PhaseClock:
             end.record()
             self._spans[phase].append((begin, end))
         else:
-            self._spans[phase].append(time.perf_counter() - begin)
+            self._spans[phase].append((time.perf_counter() - begin[0], time.process_time() - begin[1]))
 
     def timed(self, phase: str, fn: Callable) -> Callable:
         def call(*args, **kwargs):
@@ -164,10 +164,17 @@ class PhaseClock:
         return call
 
     def seconds(self) -> dict[str, float]:
-        """phase -> seconds summed over its spans (call after the step has finished on the device)."""
+        """phase -> wall seconds summed over its spans (call after the step has finished on the device)."""
         if not self.cuda:
-            return {k: float(sum(v)) for k, v in self._spans.items()}
+            return {k: float(sum(w for w, _ in v)) for k, v in self._spans.items()}
         return {k: sum(b.elapsed_time(e) for b, e in v) / 1000.0 for k, v in self._spans.items()}
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """phase -> process CPU seconds (CPU runs only; empty on CUDA). On a shared machine this counts the work
+        done, not the time spent waiting for a core, so it drifts far less than wall time."""
+        if self.cuda:
+            return {}
+        return {k: float(sum(c for _, c in v)) for k, v in self._spans.items()}
 
 
 class _Timed:
@@ -378,7 +385,9 @@ def run_bench(hosts: dict, images: torch.Tensor, targets: list[dict], clock: Pha
     memory = PeakMemory(device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     names = list(hosts)
-    samples: dict[str, dict[str, list]] = {n: {"total": [], "phases": [], "memory": []} for n in names}
+    samples: dict[str, dict[str, list]] = {
+        n: {"total": [], "phases": [], "cpu_total": [], "cpu_phases": [], "memory": []} for n in names
+    }
     for i in range(warmup + repeats):
         shift = i % len(names)
         for name in names[shift:] + names[:shift]:
@@ -386,15 +395,18 @@ def run_bench(hosts: dict, images: torch.Tensor, targets: list[dict], clock: Pha
             host.global_step = 0  # warm-up LR 0: the weights stay put and every repeat does the same work
             clock.reset()
             sync()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             losses, total = host._step(images, targets, epoch=0)
             sync()
-            elapsed = time.perf_counter() - start
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             if total is None:
                 raise RuntimeError(f"bench step: variant {name!r} gave a non-finite loss on the fixed batch")
             if i >= warmup:
                 samples[name]["total"].append(elapsed)
                 samples[name]["phases"].append(_phases(clock.seconds(), elapsed))
+                if not clock.cuda:
+                    samples[name]["cpu_total"].append(cpu)
+                    samples[name]["cpu_phases"].append(_phases(clock.cpu_seconds(), cpu))
     # Memory in a separate, untimed step per variant: handing the allocator's free pages back to the OS first
     # makes the resident-set rise show the step's working memory, but would add page faults to a timed step.
     for name in names:
@@ -407,28 +419,23 @@ def run_bench(hosts: dict, images: torch.Tensor, targets: list[dict], clock: Pha
     return samples, memory.kind
 
 
-def summarise(samples: dict, batch: int, memory_kind: str = "") -> dict[str, Any]:
-    """Medians, shares, images/s and the overheads (fractions of the plain step; the teacher excluded)."""
-    out: dict[str, Any] = {"variants": {}}
-    for name in VARIANTS:
-        s = samples[name]
-        step = [t - p["teacher"] for t, p in zip(s["total"], s["phases"])]
-        med = statistics.median(step)
-        phases = {k: statistics.median(p[k] for p in s["phases"]) for k in ("teacher", *PHASES)}
-        out["variants"][name] = {
-            "step_s": med,
-            "step_with_teacher_s": statistics.median(s["total"]),
-            "images_per_s": batch / med,
-            "phases_s": phases,
-            # per-step fractions, then their median: robust to a step slowed as a whole by the machine
-            "shares": {k: statistics.median(p[k] / t for p, t in zip(s["phases"], step)) for k in PHASES},
-            "peak_memory_mb": max(s["memory"]) / 2**20,
-            "steps_s": step,
-        }
-    v = out["variants"]
+def _clock_summary(totals: list[float], phases: list[dict[str, float]]) -> dict[str, Any]:
+    """One variant, one clock: medians of the step without the teacher, of each phase, and the phase shares."""
+    step = [t - p["teacher"] for t, p in zip(totals, phases)]
+    return {
+        "step_s": statistics.median(step),
+        "step_with_teacher_s": statistics.median(totals),
+        "phases_s": {k: statistics.median(p[k] for p in phases) for k in ("teacher", *PHASES)},
+        # per-step fractions, then their median: robust to a step slowed as a whole by the machine
+        "shares": {k: statistics.median(p[k] / t for p, t in zip(phases, step)) for k in PHASES},
+        "steps_s": step,
+    }
+
+
+def _overheads(v: dict[str, dict], samples: dict, phase_key: str) -> dict[str, float]:
     plain, dsi, dsi_gam = v["plain"]["step_s"], v["dsi"]["step_s"], v["dsi_gam"]["step_s"]
-    teacher = statistics.median([p["teacher"] for n in ("dsi", "dsi_gam") for p in samples[n]["phases"]])
-    out.update({
+    teacher = statistics.median([p["teacher"] for n in ("dsi", "dsi_gam") for p in samples[n][phase_key]])
+    return {
         "plain_s": plain, "dsi_s": dsi, "dsi_gam_s": dsi_gam, "teacher_s": teacher,
         "dsi_overhead": (dsi - plain) / plain,
         "dsi_gam_overhead": (dsi_gam - plain) / plain,
@@ -436,9 +443,23 @@ def summarise(samples: dict, batch: int, memory_kind: str = "") -> dict[str, Any
         "gam_measure_share": v["dsi_gam"]["phases_s"]["gam"] / plain,
         "dsi_phase_share": v["dsi"]["phases_s"]["dsi"] / plain,
         "teacher_ratio": teacher / plain,
-        "images_per_s": batch / plain,
-        "memory_kind": memory_kind,
-    })  # fmt: skip
+    }  # fmt: skip
+
+
+def summarise(samples: dict, batch: int, memory_kind: str = "") -> dict[str, Any]:
+    """Medians, shares, images/s and the overheads (fractions of the plain step; the teacher excluded), in wall
+    time; on CPU the same figures in process CPU time under ``cpu``."""
+    wall = {n: _clock_summary(samples[n]["total"], samples[n]["phases"]) for n in VARIANTS}
+    for n, v in wall.items():
+        v["images_per_s"] = batch / v["step_s"]
+        v["peak_memory_mb"] = max(samples[n]["memory"]) / 2**20
+    out: dict[str, Any] = {"variants": wall, **_overheads(wall, samples, "phases")}
+    out["images_per_s"] = batch / out["plain_s"]
+    out["memory_kind"] = memory_kind
+    out["cpu"] = None
+    if all(samples[n]["cpu_total"] for n in VARIANTS):
+        cpu = {n: _clock_summary(samples[n]["cpu_total"], samples[n]["cpu_phases"]) for n in VARIANTS}
+        out["cpu"] = {"variants": cpu, **_overheads(cpu, samples, "cpu_phases")}
     return out
 
 
@@ -471,6 +492,19 @@ def _report(result: dict[str, Any]) -> str:
         "(not in the figures above)",
         f"peak memory: {result['memory_kind']}",
     ]
+    cpu = result.get("cpu")
+    if cpu:
+        lines += [
+            "",
+            "in process CPU time (the work done; steadier than wall time on a shared machine):",
+            f"  step s: plain {cpu['plain_s']:.4f}, dsi {cpu['dsi_s']:.4f}, dsi_gam {cpu['dsi_gam_s']:.4f}, "
+            f"teacher {cpu['teacher_s']:.4f}",
+            f"  DSI overhead {100 * cpu['dsi_overhead']:+.2f}% (phase {100 * cpu['dsi_phase_share']:.2f}%), "
+            f"GAM on top {100 * cpu['gam_overhead']:+.2f}% (measurement {100 * cpu['gam_measure_share']:.2f}%), "
+            f"DSI + GAM {100 * cpu['dsi_gam_overhead']:+.2f}%",
+            "  shares of the plain step: " + ", ".join(
+                f"{p} {100 * cpu['variants']['plain']['shares'][p]:.1f}%" for p in PHASES),
+        ]
     return "\n".join(lines)
 
 

@@ -450,6 +450,7 @@ class Trainer:
             record["lr"] = self.optimizer.param_groups[-1]["lr"]  # the default group, at the base LR
             if self.distiller is not None:
                 record.update(self.distiller.end_epoch(epoch, stop_epoch))
+                self._check_same_weights()
             last = epoch == cfg.schedule.epochs - 1
             metrics = {}
             if last or (epoch + 1) % cfg.eval_every == 0:
@@ -475,6 +476,17 @@ class Trainer:
                 acc.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=epoch)
             acc.wait_for_everyone()
         return self._finish()
+
+    def _check_same_weights(self) -> None:
+        """GAM must reach the same weights on every process without a broadcast (the gradients it reads are
+        already all-reduced); one small gather per epoch verifies it instead of trusting it."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return
+        mine = torch.tensor(list(self.distiller.weights.values()), dtype=torch.float64, device=acc.device)
+        everyone = acc.gather(mine[None])
+        if not torch.equal(everyone, mine[None].expand_as(everyone)):
+            raise RuntimeError(f"distillation weights differ across processes: {everyone.tolist()}")
 
     def _print_epoch(self, record: dict) -> None:
         keys = ["epoch", "loss", "AP", "AP50", "lr", "images_per_s", "aifi_grad_ratio"]

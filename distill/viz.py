@@ -101,34 +101,37 @@ def last_checkpoint(path: str) -> str | None:
     return cand if os.path.isfile(cand) else None
 
 
-def load_projector(path: str, tap: str = "F5") -> tuple[nn.Module | None, str]:
-    """The run's trained DSI projector for ``tap`` (from ``last.pt`` next to ``path``) and a note.
+def load_projector(path: str, tap: str = "F5") -> tuple[nn.Module | None, str, int | None]:
+    """(the run's trained DSI projector for ``tap``, where it came from, its epoch), read from the ``last.pt``
+    next to ``path`` (the projector is training-only: ``best.pt`` does not hold it).
 
-    Returns (None, why) when the run has none: no ``last.pt``, no distillation, or no injection on ``tap``."""
+    Returns (None, why, None) when the run has none: no ``last.pt``, no distillation, no injection on ``tap``."""
     import torch
 
     from .dsi import DistillConfig, build_projector, resolve_injections
 
     last = last_checkpoint(path)
     if last is None:
-        return None, "no last.pt"
+        return None, "no last.pt", None
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
     state = ckpt.get("train_model") or {}
     distill = (ckpt.get("config") or {}).get("distill") or {}
     if not distill.get("teachers"):
-        return None, "not a distillation run"
+        return None, "not a distillation run", None
     injection = next((i for i in resolve_injections(DistillConfig.from_dict(distill)) if i.tap == tap), None)
     if injection is None:
-        return None, f"no injection on {tap}"
+        return None, f"no injection on {tap}", None
     prefix = f"injectors.projectors.{injection.name}."
     weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if not weights:
-        return None, f"last.pt has no {prefix}* weights"
+        return None, f"last.pt has no {prefix}* weights", None
     first = weights.get("weight", weights.get("0.weight"))
     last_w = weights.get("weight", weights.get("2.weight"))
     projector = build_projector(injection.projector, int(first.shape[1]), int(last_w.shape[0]))
     projector.load_state_dict(weights)
-    return projector.eval(), f"{injection.projector} projector of {os.path.basename(os.path.dirname(last))}/last.pt"
+    epoch = ckpt.get("epoch")
+    run = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(last))))
+    return projector.eval(), f"{injection.projector} projector from {run}/checkpoints/last.pt (epoch {epoch})", epoch
 
 
 def cosine_map(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -198,12 +201,14 @@ def checkpoint_features(
     if teacher_grids is None or cosine == "none" or "F5" not in student.taps:
         return feats
     f5 = [p["F5"] for p in per_image] if "F5" in names else [student_taps(student, i, ["F5"])["F5"] for i in images]
-    projector, why = load_projector(path) if cosine == "projector" else (None, "cosine='fit'")
+    projector, why, epoch = load_projector(path) if cosine == "projector" else (None, "cosine='fit'", None)
     if projector is not None:
         try:
             with torch.no_grad():
                 feats.cos = [cosine_map(projector(g[None])[0], t) for g, t in zip(f5, teacher_grids)]
             feats.cos_source = "projector"
+            if epoch != ckpt.get("epoch"):  # best.pt is usually older than the last.pt the projector comes from
+                feats.note = f"{why}, student weights from epoch {ckpt.get('epoch')}"
             return feats
         except RuntimeError as err:  # a different teacher than the run's: the dimensions do not match
             why = f"projector does not fit this teacher ({err})"

@@ -179,14 +179,15 @@ def test_fitted_cosines_recover_a_linear_teacher():
 
 
 def test_projector_loaded_from_last_pt_matches_training(art):
-    projector, note = viz.load_projector(art["distilled"])
-    assert projector is not None and "last.pt" in note
+    projector, note, epoch = viz.load_projector(art["distilled"])
+    assert projector is not None and note == "linear projector from distilled/checkpoints/last.pt (epoch 2)"
+    assert epoch == 2
     x = torch.randn(1, 128, 3, 3)  # F5 of deim_dfine_n has 128 channels
     with torch.no_grad():
         torch.testing.assert_close(projector(x), art["injectors"].projectors["F5"](x))
     # best.pt path finds the sibling last.pt; a plain run has none
     assert viz.load_projector(os.path.join(art["distilled"], "checkpoints", "best.pt"))[0] is not None
-    none, why = viz.load_projector(art["plain"])
+    none, why, _ = viz.load_projector(art["plain"])
     assert none is None and why == "no last.pt"
 
 
@@ -310,3 +311,20 @@ def test_feature_panel_same_run_shares_bases(art):
     assert cos[0] == pytest.approx(cos[1])  # same weights in both files here, same projector
     md = panel.markdown().splitlines()
     assert len(md) == 4 and "the run's DSI projector" in md[2] and md[2].startswith("| best | F5, P4, P5 |")
+
+
+def test_projector_from_a_later_epoch_is_noted(art, tmp_path):
+    import shutil
+
+    run = tmp_path / "later"
+    shutil.copytree(art["distilled"], run)
+    last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    torch.save({**last, "epoch": 5}, run / "checkpoints" / "last.pt")
+    images = viz.load_images([os.path.join(art["images"], "000000.jpg")], SIZE)
+    grids = [torch.randn(32, SIZE // 32, SIZE // 32)]
+    feats = viz.checkpoint_features(str(run / "checkpoints" / "best.pt"), images, ["F5"], grids)
+    assert feats.cos_source == "projector"
+    assert feats.note == "linear projector from later/checkpoints/last.pt (epoch 5), student weights from epoch 2"
+    # a teacher of another width cannot go through the run's projector: ridge fit instead, and said so
+    other = viz.checkpoint_features(str(run), images, ["F5"], [torch.randn(16, SIZE // 32, SIZE // 32)])
+    assert other.cos_source == "fit" and "projector does not fit this teacher" in other.note
