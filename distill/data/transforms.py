@@ -22,11 +22,13 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+import torch.utils.data
 import torchvision.transforms.v2 as T
 from torchvision.ops import box_convert
 
 from .config import DataConfig
 from .mosaic import Mosaic
+from .seeding import mix, seeded
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -104,6 +106,19 @@ class TrainTransform:
         self.timings: dict[str, float] = defaultdict(float)
         self._cache_epoch: int | None = None
 
+    def _refill_mosaic_cache(self, dataset: Any) -> None:
+        """Each epoch starts from a cache filled from (seed, epoch, worker) alone: a resumed run sees the same
+        partners as an uninterrupted one, and no epoch starts with a near-empty cache (repeated tiles)."""
+        mosaic = self.ops["mosaic"]
+        self._cache_epoch = dataset.epoch
+        mosaic.cache.clear()
+        if not mosaic.use_cache or stage_of(dataset.epoch, self.policy_epochs) != "mosaic":
+            return
+        info = torch.utils.data.get_worker_info()
+        seed = getattr(dataset, "seed", None)
+        with seeded(mix(seed or 0, dataset.epoch, info.id if info else -1, 7919)):
+            mosaic.warm(dataset)
+
     def plan(self, epoch: int) -> list[str]:
         """The op names for one sample at ``epoch`` (draws the Mosaic coin in the Mosaic stage)."""
         with_mosaic = stage_of(epoch, self.policy_epochs) == "mosaic" and random.random() < self.mosaic_prob
@@ -111,10 +126,7 @@ class TrainTransform:
 
     def __call__(self, image: Any, target: dict[str, Any], dataset: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         if dataset.epoch != self._cache_epoch:
-            # An epoch starts with an empty Mosaic cache: its contents then depend on this epoch's samples only,
-            # which keeps a resumed run identical to an uninterrupted one.
-            self.ops["mosaic"].cache.clear()
-            self._cache_epoch = dataset.epoch
+            self._refill_mosaic_cache(dataset)
         for name in self.plan(dataset.epoch):
             t0 = time.perf_counter() if self.profile else 0.0
             op = self.ops[name]

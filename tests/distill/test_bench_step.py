@@ -23,6 +23,7 @@ from distill.bench_step import (
 )
 from distill.cli import main as cli
 from distill.config import load_config
+from distill.data.synth import make_synth
 
 REQUIRED = ("plain_s", "dsi_s", "dsi_gam_s", "teacher_s", "dsi_overhead", "gam_overhead")
 
@@ -91,6 +92,21 @@ def test_variants_run_the_engine_step_without_moving_weights(tiny):
     result = summarise(samples, batch=1, memory_kind=kind)
     assert len(result["variants"]["dsi"]["steps_s"]) == 2
     assert result["teacher_s"] > 0 and kind in ("rss_peak", "ru_maxrss_growth")
+
+
+def test_real_batch_from_the_config_data(tiny, tmp_path, capsys):
+    _, teacher = tiny
+    make_synth(str(tmp_path / "synth"), train=2, val=1, size=96, seed=0)
+    path = tmp_path / "real.yaml"
+    path.write_text(yaml.safe_dump({"model": {"student": "deimv2_atto"}, "mixed_precision": "no",
+                                    "data": {"synth": str(tmp_path / "synth"), "img_size": 96}}))  # fmt: skip
+    assert cli(["bench", "step", str(path), "--real", "--batch", "2", "--repeats", "1", "--warmup", "0", "--json",
+                "--teacher", teacher]) == 0  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    assert out["setup"]["batch_source"] == "real" and out["setup"]["size"] == 96
+    assert out["setup"]["num_classes"] == len(json.loads((tmp_path / "synth/annotations/instances_train.json")
+                                                         .read_text())["categories"])  # fmt: skip
+    assert out["plain_s"] > 0 and out["images_per_s"] == pytest.approx(2 / out["plain_s"])
 
 
 def test_synthetic_batch_is_valid_and_reproducible():
