@@ -49,13 +49,13 @@ def main(args: argparse.Namespace) -> int:
 
         with open(args.config) as f:
             config = yaml.safe_load(f) or {}
-    torch.set_grad_enabled(False)
-    panel = viz.feature_panel(
+    with torch.no_grad():  # scoped: a global switch would leak into whatever runs next in this process
+        panel = viz.feature_panel(
         args.checkpoint, args.images, args.labels,
-        teacher=spec_with_input(args.teacher, args.teacher_input) if args.teacher else None,
-        use_teacher=not args.no_teacher, config=config, size=args.size, taps=args.taps, basis=args.basis,
-        reference=args.reference, foreground=args.foreground, cosine=args.cosine, max_images=args.max_images,
-    )
+            teacher=spec_with_input(args.teacher, args.teacher_input) if args.teacher else None,
+            use_teacher=not args.no_teacher, config=config, size=args.size, taps=args.taps, basis=args.basis,
+            reference=args.reference, foreground=args.foreground, cosine=args.cosine, max_images=args.max_images,
+        )
     viz.save(panel.figure, args.out)
     print(json.dumps({
         "out": args.out, "images": panel.image_paths, "size": panel.size, "teacher": panel.teacher,
