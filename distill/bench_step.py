@@ -7,6 +7,9 @@ one real batch with ``--real``):
     dsi       DSI with a static weight and no gradient measurement
     dsi_gam   DSI with GAM on: the per-step gradient-share measurement of :meth:`distill.gam.GAM.measure`
 
+(The engine's static-weight runs measure the shares too, for the logs and ``distill calibrate``: per step they
+cost what ``dsi_gam`` costs.)
+
 Every variant runs the engine's own step (:meth:`distill.engine.Trainer._step`, the function itself) on the
 engine's own pieces (TrainModel, criterion, AdamW groups, EMA, Distiller); phases are timed from outside by
 handing the step thin stand-ins that time the calls it makes (``criterion(...)``, ``accelerator.backward``,
@@ -23,6 +26,9 @@ left out of the step times and overheads (it is a fixed, separately tunable cost
     gam_overhead      = (dsi_gam_s - dsi_s) / plain_s          GAM on top of DSI, as a fraction of the plain step
     gam_measure_share = median time of the measurement call / plain_s   (the direct figure; differences of
                         medians are noisier than a 1% target)
+
+On CPU every figure is also given in process CPU time (``cpu``): it counts the work done, not the waits for a
+core, and so drifts far less than wall time on a shared machine (with one thread it is the single-core time).
 
 Peak memory is the rise over one extra, untimed step per variant: on CUDA of ``torch.cuda.max_memory_allocated``;
 on Linux CPUs of the resident-set high-water mark (reset through ``/proc/self/clear_refs``, after the allocator's
@@ -52,6 +58,9 @@ from .config import TrainConfig, load_config
 from .dsi import DistillConfig, Distiller, InjectionConfig
 from .engine import Trainer, TrainModel, build_accelerator, seed_everything
 from .gam import SCALE_PRESETS, GAMConfig, gam_config_for
+
+__all__ = ["PHASES", "VARIANTS", "PhaseClock", "PeakMemory", "add_arguments", "build_variants", "default_distill",
+           "main", "random_teacher_dir", "run_bench", "summarise", "synthetic_batch"]
 
 VARIANTS = ("plain", "dsi", "dsi_gam")
 # Reported phases, in step order. 'forward' is the student alone, 'dsi' the projectors, alignment losses and
@@ -326,6 +335,8 @@ def build_variants(cfg: TrainConfig, num_classes: int, size: int, clock: PhaseCl
     from .ema import ModelEMA
     from .optim import build_optimizer
 
+    # Step 0 of a warm-up has LR 0 (the bench resets the step counter before every step): keep a warm-up
+    cfg = replace(cfg, schedule=replace(cfg.schedule, warmup_iter=max(cfg.schedule.warmup_iter, 1)))
     acc = build_accelerator(cfg)
     student = build_student(cfg.model.student, num_classes=num_classes, pretrained=cfg.model.pretrained or None,
                             input_size=(size, size)).to(acc.device)  # fmt: skip
@@ -378,9 +389,10 @@ def _phases(spans: dict[str, float], total: float) -> dict[str, float]:
 
 
 def run_bench(hosts: dict, images: torch.Tensor, targets: list[dict], clock: PhaseClock, repeats: int,
-              warmup: int) -> tuple[dict[str, dict], str]:
+              warmup: int, progress: bool = False) -> tuple[dict[str, dict], str]:
     """Interleaved steps of every variant: per variant the per-repeat step seconds (teacher included), phases
-    and peak memory rises; and the kind of memory figure (see :class:`PeakMemory`)."""
+    and peak memory rises; and the kind of memory figure (see :class:`PeakMemory`). ``progress``: one line per
+    repeat on stderr."""
     device = images.device
     memory = PeakMemory(device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -396,7 +408,7 @@ def run_bench(hosts: dict, images: torch.Tensor, targets: list[dict], clock: Pha
             clock.reset()
             sync()
             start, cpu_start = time.perf_counter(), time.process_time()
-            losses, total = host._step(images, targets, epoch=0)
+            _, total = host._step(images, targets, epoch=0)
             sync()
             elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             if total is None:
@@ -407,6 +419,10 @@ def run_bench(hosts: dict, images: torch.Tensor, targets: list[dict], clock: Pha
                 if not clock.cuda:
                     samples[name]["cpu_total"].append(cpu)
                     samples[name]["cpu_phases"].append(_phases(clock.cpu_seconds(), cpu))
+        if progress:
+            done = {n: f"{samples[n]['total'][-1]:.3f}s" for n in names if i >= warmup}
+            tag = "warm-up" if i < warmup else f"repeat {i - warmup + 1}/{repeats}"
+            print(f"bench step: {tag} {done or ''}", file=sys.stderr, flush=True)
     # Memory in a separate, untimed step per variant: handing the allocator's free pages back to the OS first
     # makes the resident-set rise show the step's working memory, but would add page faults to a timed step.
     for name in names:
@@ -432,6 +448,13 @@ def _clock_summary(totals: list[float], phases: list[dict[str, float]]) -> dict[
     }
 
 
+def _spread(values: list[float]) -> float | None:
+    if len(values) < 2:
+        return None  # one repeat: no spread (JSON null)
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return (q3 - q1) / statistics.median(values)
+
+
 def _overheads(v: dict[str, dict], samples: dict, phase_key: str) -> dict[str, float]:
     plain, dsi, dsi_gam = v["plain"]["step_s"], v["dsi"]["step_s"], v["dsi_gam"]["step_s"]
     teacher = statistics.median([p["teacher"] for n in ("dsi", "dsi_gam") for p in samples[n][phase_key]])
@@ -443,6 +466,8 @@ def _overheads(v: dict[str, dict], samples: dict, phase_key: str) -> dict[str, f
         "gam_measure_share": v["dsi_gam"]["phases_s"]["gam"] / plain,
         "dsi_phase_share": v["dsi"]["phases_s"]["dsi"] / plain,
         "teacher_ratio": teacher / plain,
+        # run-to-run noise of the plain step (interquartile range / median): overheads below it are not resolved
+        "plain_spread": _spread(v["plain"]["steps_s"]),
     }  # fmt: skip
 
 
@@ -488,6 +513,8 @@ def _report(result: dict[str, Any]) -> str:
         f"GAM overhead on top of DSI:     {100 * result['gam_overhead']:+.2f}% of the plain step "
         f"(measurement call alone: {100 * result['gam_measure_share']:.2f}%; target <= 1%)",
         f"DSI + GAM overhead:             {100 * result['dsi_gam_overhead']:+.2f}% of the plain step",
+        f"run-to-run spread of the plain step (IQR / median): {_percent(result['plain_spread'])}; step "
+        "differences below it are noise, the phase figures in brackets are timed directly",
         f"teacher forward: {result['teacher_s']:.4f} s = {result['teacher_ratio']:.2f}x the plain step "
         "(not in the figures above)",
         f"peak memory: {result['memory_kind']}",
@@ -501,11 +528,15 @@ def _report(result: dict[str, Any]) -> str:
             f"teacher {cpu['teacher_s']:.4f}",
             f"  DSI overhead {100 * cpu['dsi_overhead']:+.2f}% (phase {100 * cpu['dsi_phase_share']:.2f}%), "
             f"GAM on top {100 * cpu['gam_overhead']:+.2f}% (measurement {100 * cpu['gam_measure_share']:.2f}%), "
-            f"DSI + GAM {100 * cpu['dsi_gam_overhead']:+.2f}%",
+            f"DSI + GAM {100 * cpu['dsi_gam_overhead']:+.2f}%; spread {_percent(cpu['plain_spread'])}",
             "  shares of the plain step: " + ", ".join(
                 f"{p} {100 * cpu['variants']['plain']['shares'][p]:.1f}%" for p in PHASES),
         ]
     return "\n".join(lines)
+
+
+def _percent(value: float | None) -> str:
+    return "n/a (one repeat)" if value is None else f"{100 * value:.1f}%"
 
 
 def _load() -> str:
@@ -547,7 +578,7 @@ def main(args: argparse.Namespace) -> int:
         hosts, acc = build_variants(cfg, num_classes, size, clock)
         images = images.to(acc.device)
         targets = [{k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-        samples, memory_kind = run_bench(hosts, images, targets, clock, args.repeats, args.warmup)
+        samples, memory_kind = run_bench(hosts, images, targets, clock, args.repeats, args.warmup, progress=True)
     result = summarise(samples, args.batch, memory_kind)
     result["setup"] = {
         "config": args.config, "overrides": list(args.overrides), "student": cfg.model.student,
@@ -563,7 +594,3 @@ def main(args: argparse.Namespace) -> int:
 
 def _uses_cuda(cfg: TrainConfig) -> bool:
     return cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-
-
-__all__ = ["PHASES", "VARIANTS", "PhaseClock", "PeakMemory", "add_arguments", "build_variants", "default_distill",
-           "main", "random_teacher_dir", "run_bench", "summarise", "synthetic_batch"]

@@ -355,6 +355,11 @@ def select_topk(
     logits or None, ``B x topk x 4`` anchors).
     """
     _check_choice("query_select_method", method, QUERY_SELECT_METHODS)
+    if memory.shape[1] < topk:
+        raise ValueError(
+            f"the input gives {memory.shape[1]} encoder tokens, fewer than the {topk} decoder queries: "
+            "use a larger input size (e.g. >= 160 px for 100 queries, >= 256 px for 300)"
+        )
     if method == "default":
         index = logits.amax(-1).topk(topk, dim=-1).indices
     elif method == "one2many":

@@ -56,6 +56,7 @@ def test_cli_json_has_the_required_keys_and_consistent_overheads(tiny, capsys):
     assert out["dsi_gam_overhead"] == pytest.approx((dsi_gam - plain) / plain, rel=1e-9)
     assert out["gam_overhead"] == pytest.approx((dsi_gam - dsi) / plain, rel=1e-9)
     assert out["images_per_s"] == pytest.approx(1 / plain)
+    assert out["plain_spread"] is None  # one repeat: no spread to report
     setup = out["setup"]
     assert (setup["student"], setup["batch"], setup["size"], setup["precision"]) == ("deimv2_atto", 1, 160, "fp32")
     for name, key in (("plain", "plain_s"), ("dsi", "dsi_s"), ("dsi_gam", "dsi_gam_s")):
@@ -92,18 +93,23 @@ def test_variants_run_the_engine_step_without_moving_weights(tiny):
     result = summarise(samples, batch=1, memory_kind=kind)
     assert len(result["variants"]["dsi"]["steps_s"]) == 2
     assert result["teacher_s"] > 0 and kind in ("rss_peak", "ru_maxrss_growth")
+    # two values a <= b: interpolated quartiles a + (b - a) / 4 and a + 3 (b - a) / 4, median (a + b) / 2
+    a, b = sorted(result["variants"]["plain"]["steps_s"])
+    assert result["plain_spread"] == pytest.approx((b - a) / 2 / ((a + b) / 2))
+    assert result["cpu"]["dsi_overhead"] == pytest.approx(
+        (result["cpu"]["dsi_s"] - result["cpu"]["plain_s"]) / result["cpu"]["plain_s"])
 
 
 def test_real_batch_from_the_config_data(tiny, tmp_path, capsys):
     _, teacher = tiny
-    make_synth(str(tmp_path / "synth"), train=2, val=1, size=96, seed=0)
+    make_synth(str(tmp_path / "synth"), train=2, val=1, size=160, seed=0)
     path = tmp_path / "real.yaml"
     path.write_text(yaml.safe_dump({"model": {"student": "deimv2_atto"}, "mixed_precision": "no",
-                                    "data": {"synth": str(tmp_path / "synth"), "img_size": 96}}))  # fmt: skip
+                                    "data": {"synth": str(tmp_path / "synth"), "img_size": 160}}))  # fmt: skip
     assert cli(["bench", "step", str(path), "--real", "--batch", "2", "--repeats", "1", "--warmup", "0", "--json",
                 "--teacher", teacher]) == 0  # fmt: skip
     out = json.loads(capsys.readouterr().out)
-    assert out["setup"]["batch_source"] == "real" and out["setup"]["size"] == 96
+    assert out["setup"]["batch_source"] == "real" and out["setup"]["size"] == 160
     assert out["setup"]["num_classes"] == len(json.loads((tmp_path / "synth/annotations/instances_train.json")
                                                          .read_text())["categories"])  # fmt: skip
     assert out["plain_s"] > 0 and out["images_per_s"] == pytest.approx(2 / out["plain_s"])
