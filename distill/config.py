@@ -97,7 +97,7 @@ class TrainConfig:
     eval_every: int = 1  # epochs; the last epoch is always evaluated
     log_interval: int = 20  # steps between progress lines / loss reductions
     max_nonfinite: int = 10  # consecutive non-finite losses before the run stops (after saving)
-    max_steps_per_epoch: int = 0  # 0 = the whole loader; >0 for smoke runs and tests
+    max_steps_per_epoch: int = 0  # optimizer steps; 0 = the whole loader; >0 for smoke runs and tests
     deterministic: bool = False
     tensorboard: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)

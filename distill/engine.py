@@ -175,7 +175,10 @@ def build_data(cfg: TrainConfig):
     data_cfg = replace(resolve_config(prepare_synth(cfg.data)), normalize=False)
     train_loader = build_dataloader(data_cfg, "train")
     val_loader = build_dataloader(data_cfg, "val")
-    num_classes = cfg.model.num_classes or infer_num_classes(data_cfg)
+    found = infer_num_classes(data_cfg)
+    num_classes = cfg.model.num_classes or found
+    if num_classes < found:
+        raise ValueError(f"model.num_classes={num_classes} but the training set has {found} classes")
     return data_cfg, train_loader, val_loader, build_evaluator(val_loader.dataset), num_classes
 
 
@@ -257,10 +260,11 @@ class Trainer:
 
     # -- construction helpers --------------------------------------------------------------------------------
     def _iters_per_epoch(self) -> int:
-        n = len(self.train_loader)
+        """Optimizer steps per epoch (``max_steps_per_epoch`` caps optimizer steps, not batches)."""
+        n = len(self.train_loader) // self.cfg.grad_accum
         if self.cfg.max_steps_per_epoch:
             n = min(n, self.cfg.max_steps_per_epoch)
-        return max(1, n // self.cfg.grad_accum)
+        return max(1, n)
 
     @classmethod
     def resume(cls, run_dir: str, overrides: list[str] | None = None) -> Trainer:

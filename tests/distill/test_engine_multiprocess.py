@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import torch
 import transformers as T
 import yaml
 
@@ -46,3 +47,10 @@ def test_two_process_distilled_run(tmp_path):
     assert records[0]["distill_weight"] == 5.0 and records[1]["distill_weight"] != 5.0
     summary = json.load(open(run / "summary.json"))
     assert summary["epochs"] == 2
+    # The teacher is never saved: the training model is the student plus the projectors, nothing else.
+    last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    prefixes = {k.split(".")[0] for k in last["train_model"]}
+    assert prefixes == {"student", "injectors"}
+    assert not any("teacher" in k or "embeddings.patch_embeddings" in k for k in last["train_model"])
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert set(best["model"]) == {k[len("student."):] for k in last["train_model"] if k.startswith("student.")}

@@ -106,3 +106,38 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, synth):
     b = torch.load(os.path.join(killed, "checkpoints", "last.pt"), weights_only=True)
     for key, value in a["ema"]["module"].items():
         torch.testing.assert_close(b["ema"]["module"][key], value, rtol=0, atol=0)
+
+
+def test_grad_accumulation_and_fine_tuning_with_another_class_count(tmp_path, synth):
+    run = str(tmp_path / "accum")
+    train_from_config(tiny_config(tmp_path, synth, epochs=1), ["grad_accum=2", "max_steps_per_epoch=2"], run)
+    last = torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)
+    assert last["global_step"] == 2  # 4 batches, one optimizer step per 2
+    best = os.path.join(run, "checkpoints", "best.pt")
+    tuned = str(tmp_path / "tuned")
+    summary = train_from_config(
+        tiny_config(tmp_path, synth, epochs=1), [f"model.pretrained={best}", "model.num_classes=9"], tuned
+    )
+    assert summary["best_epoch"] == 0
+    student, ckpt = load_trained(tuned)
+    assert ckpt["num_classes"] == 9 and student.decoder.enc_score_head.out_features == 9
+    with pytest.raises(ValueError, match="model.num_classes=3 but the training set has 6 classes"):
+        train_from_config(tiny_config(tmp_path, synth, epochs=1), ["model.num_classes=3"], str(tmp_path / "x"))
+
+
+def test_nonfinite_losses_skip_steps_then_stop_with_a_checkpoint(tmp_path, synth, monkeypatch):
+    from students.criterion import DEIMCriterion
+
+    real = DEIMCriterion.forward
+
+    def poisoned(self, outputs, targets, epoch=0, **metas):
+        losses = real(self, outputs, targets, epoch, **metas)
+        losses["loss_mal"] = losses["loss_mal"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(DEIMCriterion, "forward", poisoned)
+    run = str(tmp_path / "nan")
+    with pytest.raises(RuntimeError, match="2 non-finite losses in a row"):
+        train_from_config(tiny_config(tmp_path, synth, epochs=2), ["max_nonfinite=2"], run)
+    saved = torch.load(os.path.join(run, "checkpoints", "nonfinite.pt"), weights_only=True)
+    assert saved["global_step"] == 0 and saved["nonfinite_total"] == 2  # no step was taken on a NaN loss
