@@ -16,7 +16,13 @@ class DetectorTeacher(Teacher):
     def __init__(self, checkpoint: str, tap: str = "F5", name: str = "", **policy):
         from distill.trained import load_trained
 
-        student, ckpt = load_trained(checkpoint)
+        try:
+            student, ckpt = load_trained(checkpoint)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(
+                f"{err}. A detector teacher is the best.pt of a run of `distill train`: train that run first "
+                "(for the quickstart distillation: `distill train experiments/quickstart.yaml`)"
+            ) from err
         if tap not in student.taps:
             raise ValueError(f"teacher checkpoint {checkpoint}: unknown tap {tap!r}; valid: {sorted(student.taps)}")
         info = student.taps[tap]
