@@ -171,7 +171,7 @@ def prepare_synth(data_cfg):
         from .data.synth import make_synth
 
         print(f"generating the embedded synthetic dataset in {data_cfg.synth} ...", flush=True)
-        make_synth(data_cfg.synth, size=data_cfg.img_size, seed=data_cfg.seed)
+        make_synth(data_cfg.synth, seed=data_cfg.seed)  # native 320 px, whatever size the run trains at
     return data_cfg
 
 

@@ -268,7 +268,7 @@ def test_embedded_grid_is_a_paired_on_off_comparison():
         assert cfg.distill.teachers["main"] == {"tap": "F5", "checkpoint": "runs/embedded/teacher/checkpoints/best.pt"}
         assert [i.tap for i in resolve_injections(cfg.distill)] == ["F5"]
     teacher = load_config(str(EXP / "embedded" / "teacher.yaml"))
-    assert teacher.output_dir == "runs/embedded/teacher" and teacher.model.student == "deimv2_pico"
+    assert teacher.output_dir == "runs/embedded/teacher" and teacher.model.student == "deimv2_femto"
     # the teacher sees the student's batch as it is: same input size; and it trains longer than the students
     assert teacher.data.img_size == on[0][1].data.img_size
     assert teacher.schedule.epochs > on[0][1].schedule.epochs and teacher.max_steps_per_epoch == 0
