@@ -4,6 +4,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# One thread everywhere, subprocesses and the engine's own thread sizing included: bitwise comparisons between
+# runs (exact resume) need the same float reduction order on both sides.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
