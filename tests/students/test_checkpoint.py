@@ -1,6 +1,6 @@
 """Official checkpoints load strictly into the students; our own save format round-trips exactly.
 
-The official state dicts are synthesised from /work/shared/reference/official_state_dicts/*.json (key names,
+The official state dicts are synthesised from tests/data/official_state_dicts/*.json (key names,
 shapes and dtypes of the official models, with the tied keys the official models share): random values, saved in
 the layouts the official tools write.
 """
@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from students import build_student
 from students.checkpoint import CheckpointMismatch, load_official, load_student, save_student
 
-REF = Path("/work/shared/reference/official_state_dicts")
+REF = Path(__file__).resolve().parents[1] / "data" / "official_state_dicts"
 # reference file -> our scale (RT-DETRv4-S is DEIM-D-FINE-S plus a training-only projector)
 REFS = {
     "deim_dfine_n": "deim_dfine_n",

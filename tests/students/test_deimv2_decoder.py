@@ -14,7 +14,7 @@ from students.deimv2_decoder import DEIMTransformer
 from students.dfine_decoder import DFINETransformer
 from students.fdr import distance2bbox, weighting_function
 
-REF_DIR = Path("/work/shared/reference/official_state_dicts")
+REF_DIR = Path(__file__).resolve().parents[1] / "data" / "official_state_dicts"
 
 # Decoder kwargs of the official configs: DEIMv2 configs/base/deimv2.yml + configs/deimv2/deimv2_*_coco.yml.
 _BASE = dict(

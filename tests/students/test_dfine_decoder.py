@@ -23,7 +23,7 @@ from students.decoder_blocks import (
 from students.dfine_decoder import DFINETransformer
 from students.fdr import distance2bbox, weighting_function
 
-REF_DIR = Path("/work/shared/reference/official_state_dicts")
+REF_DIR = Path(__file__).resolve().parents[1] / "data" / "official_state_dicts"
 
 # Decoder kwargs of the official configs (DEIM: configs/base/dfine_hgnetv2.yml + base/deim.yml (silu) + the scale's
 # dfine_hgnetv2_*_coco.yml / deim_hgnetv2_*_coco.yml; RT-DETRv4-S uses the DEIM-D-FINE-S decoder).

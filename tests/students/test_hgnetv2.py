@@ -12,7 +12,7 @@ from torch import nn
 
 from students.hgnetv2 import HGNETV2_ARCHS, HGNetv2
 
-REF_DIR = Path("/work/shared/reference/official_state_dicts")
+REF_DIR = Path(__file__).resolve().parents[1] / "data" / "official_state_dicts"
 
 # Backbone kwargs of the official configs (DEIM configs/deim_dfine/dfine_hgnetv2_{n,s}_coco.yml + base/deim.yml,
 # DEIMv2 configs/deimv2/deimv2_hgnetv2_{atto,pico,n}_coco.yml + base/deimv2.yml), pretrained switched off.

@@ -22,7 +22,7 @@ from students.conv_blocks import (
 )
 from students.hybrid_encoder import HybridEncoder, TransformerEncoderLayer, build_2d_sincos_position_embedding
 
-REF_DIR = Path("/work/shared/reference/official_state_dicts")
+REF_DIR = Path(__file__).resolve().parents[1] / "data" / "official_state_dicts"
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 # Official YAML values: configs/base/dfine_hgnetv2.yml (DEIM) and configs/base/deimv2.yml (DEIMv2), merged with

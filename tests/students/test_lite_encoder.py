@@ -13,7 +13,7 @@ from torch import nn
 from students.conv_blocks import RepNCSPELAN4, RepVGGBlock, convert_modules_to_deploy
 from students.lite_encoder import GAP_Fusion, LiteEncoder
 
-REF_DIR = Path("/work/shared/reference/official_state_dicts")
+REF_DIR = Path(__file__).resolve().parents[1] / "data" / "official_state_dicts"
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 # configs/deimv2/deimv2_hgnetv2_{atto,femto,pico}_coco.yml, `LiteEncoder:` sections (+ eval_spatial_size).

@@ -15,7 +15,7 @@ from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTRopePosi
 from students.vit import DinoVisionTransformer, RopePositionEmbedding, VisionTransformer, pad_rope_for_prefix
 from students.vit_sta import DEIMV2_VIT_BACKBONES, DINOv3STAs, build_deimv2_vit_backbone
 
-REF = Path("/work/shared/reference/official_state_dicts/deimv2_s.json")
+REF = Path(__file__).resolve().parents[1] / "data" / "official_state_dicts" / "deimv2_s.json"
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked", "periods", "bias_mask")
 
 
