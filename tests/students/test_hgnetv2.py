@@ -26,13 +26,6 @@ OFFICIAL_KWARGS = {
 _BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small convs on a shared 2-core machine: extra threads only oversubscribe.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:

@@ -45,13 +45,6 @@ OFFICIAL_KWARGS = {
 RT_DETRV2_R18 = dict(_DFINE_BASE, version="rt_detrv2", in_channels=[128, 256, 512], expansion=0.5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The shared CI box has 2 cores for several jobs: one intra-op thread avoids oversubscription stalls.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def official_encoder_entries(scale: str) -> dict[str, list[int]]:

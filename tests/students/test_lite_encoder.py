@@ -27,12 +27,6 @@ OFFICIAL_KWARGS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def official_encoder_entries(scale: str) -> dict[str, list[int]]:
