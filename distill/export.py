@@ -402,6 +402,9 @@ def compare_run(run_dir: str, input_size: tuple[int, int] | None = None, seed: i
 
     best_path = resolve_checkpoint(run_dir)
     best = read_checkpoint(best_path)
+    trained = ((best.get("config") or {}).get("data") or {}).get("img_size")
+    if input_size is None and trained:  # compare at the size the run trained and evaluated at
+        input_size = (int(trained), int(trained))
     distilled, _ = load_student(best, input_size=input_size)
     plain = build_student(best["student"], num_classes=int(best["num_classes"]), input_size=distilled.input_size,
                           check_taps=False)
