@@ -35,3 +35,16 @@ def fit_size(height: int, width: int, long_side: int, multiple: int = 32) -> tup
         max(multiple, round(height * scale / multiple) * multiple),
         max(multiple, round(width * scale / multiple) * multiple),
     )
+
+
+def load_images(paths: list[str], long_side: int) -> list[torch.Tensor]:
+    """3 x H x W in [0, 1] each, long side ``long_side``, aspect kept, sides multiples of 32."""
+    out = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                size = fit_size(im.height, im.width, long_side)
+        except (OSError, ValueError) as err:
+            raise OSError(f"cannot read image {path}: {err}") from err
+        out.append(load_image(path, size))
+    return out

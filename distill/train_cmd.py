@@ -31,13 +31,13 @@ def main(args: argparse.Namespace) -> int:
         run_dir = load_config(args.config, overrides).output_dir
     plot = os.path.join(run_dir, "curves.png")
     try:
-        from .plot import plot_run
+        from . import viz
 
-        plot_run(run_dir, plot)
-    except (OSError, ValueError) as err:  # a missing plot must not fail a finished run
+        viz.save(viz.plot_curves([viz.read_run(run_dir)]), plot)
+    except (OSError, ValueError, KeyError) as err:  # a missing plot must not fail a finished run
         print(f"(no curves plot: {err})")
         plot = None
-    print(f"best AP {summary['best_AP']:.4f} at epoch {summary['best_epoch']} ({summary['wall_time_s']:.0f} s)")
+    print(f"best AP {summary['best_AP']:.4g} at epoch {summary['best_epoch']} ({summary['wall_time_s']:.0f} s)")
     print(f"metrics:    {os.path.join(run_dir, 'metrics.jsonl')}")
     print(f"checkpoint: {os.path.join(run_dir, 'checkpoints', 'best.pt')}")
     if plot:

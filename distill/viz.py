@@ -77,11 +77,12 @@ class CheckpointFeatures:
 
 
 def student_taps(student: nn.Module, image: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """3 x H x W image in [0, 1] -> tap name -> C x h x w (backbone + encoder only; the decoder is not needed)."""
+    """3 x H x W image in [0, 1] -> tap name -> C x h x w (``Detector.tap_features``: backbone + encoder only,
+    with the student's own input normalisation)."""
     import torch
 
-    with torch.no_grad(), student.capture(list(names)) as feats:
-        student.encoder(student.backbone(image[None]))
+    with torch.no_grad():
+        feats = student.tap_features(image[None], list(names))
     return {n: feats[n][0].float() for n in names}
 
 
@@ -417,20 +418,6 @@ def image_paths(items: Sequence[str] | None, per_dir: int = 3) -> list[str]:
     return out
 
 
-def load_images(paths: Sequence[str], long_side: int) -> list[torch.Tensor]:
-    """3 x H x W in [0, 1] each, long side ``long_side``, aspect kept, sides multiples of 32."""
-    from PIL import Image
-
-    from .images import fit_size, load_image
-
-    out = []
-    for p in paths:
-        with Image.open(p) as im:
-            size = fit_size(im.height, im.width, long_side)
-        out.append(load_image(p, size))
-    return out
-
-
 @dataclass
 class FeaturePanel:
     """What :func:`feature_panel` computed: the figure and its inputs, for display and for numbers."""
@@ -502,6 +489,8 @@ def feature_panel(
                 model = load_teacher(found[0])
                 layer = found[1]
     paths = image_paths(images, max_images)
+    from .images import load_images
+
     pictures = load_images(paths, size)
     grids = teacher_grids_for(model, pictures, layer) if model is not None else None
     feats = [checkpoint_features(p, pictures, taps, grids, cosine, lab)

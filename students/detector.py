@@ -117,11 +117,17 @@ class Detector(nn.Module):
     def forward(self, images: torch.Tensor, targets: list[dict] | None = None) -> dict:
         """images ``B x 3 x H x W`` in [0, 1]; targets (training, for denoising) ``[{'labels': N, 'boxes': N x 4
         normalised cxcywh}]``. Returns the decoder's output dict."""
-        if self.normalize_input:
-            images = (images - self.pixel_mean) / self.pixel_std
-        feats = self.backbone(images)
-        feats = self.encoder(feats)
-        return self.decoder(feats, targets)
+        return self.decoder(self.encoder(self.backbone(self._normalize(images))), targets)
+
+    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.pixel_mean) / self.pixel_std if self.normalize_input else images
+
+    def tap_features(self, images: torch.Tensor, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """images ``B x 3 x H x W`` in [0, 1] -> the named taps (``B x C x h x w``). Runs backbone + encoder only:
+        every tap lives there, so the decoder (and its minimum token count for the queries) is not needed."""
+        with self.capture(names) as feats:
+            self.encoder(self.backbone(self._normalize(images)))
+        return dict(feats)
 
     def postprocess(self, outputs: dict, orig_sizes: torch.Tensor):
         """Top-k detections per image; ``orig_sizes`` is ``B x 2`` (width, height), the official convention:
@@ -190,11 +196,7 @@ class Detector(nn.Module):
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 self.train()
-                images = torch.rand(2, 3, size, size, device=device)
-                if self.normalize_input:
-                    images = (images - self.pixel_mean) / self.pixel_std
-                with self.capture(self.taps) as feats:
-                    self.encoder(self.backbone(images))
+                feats = self.tap_features(torch.rand(2, 3, size, size, device=device), self.taps)
         finally:
             self.train(was_training)
             for k, b in self.named_buffers():

@@ -46,9 +46,4 @@ class DetectorTeacher(Teacher):
         return self.patch_size if self.input_policy in ("match", "native") else None
 
     def encode(self, pixels: torch.Tensor) -> list[torch.Tensor]:
-        # Every tap lives in the backbone or the encoder: the decoder (and its query count) is not needed.
-        m = self.model
-        x = (pixels - m.pixel_mean) / m.pixel_std if m.normalize_input else pixels
-        with m.capture([self.tap]) as taps:
-            m.encoder(m.backbone(x))
-        return [taps[self.tap]]
+        return [self.model.tap_features(pixels, [self.tap])[self.tap]]

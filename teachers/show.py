@@ -44,17 +44,14 @@ def spec_with_input(text: str, policy: str) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    from distill.images import fit_size, load_image, sample_image_path
+    from distill.images import load_image, load_images, sample_image_path
     from distill.pca import PCABasis
     from teachers import load_teacher
 
     teacher = load_teacher(spec_with_input(args.spec, args.input))
     paths = args.image or [sample_image_path()]
-    from PIL import Image
-
-    with Image.open(paths[0]) as first:  # every image takes the first one's aspect-kept size
-        size = fit_size(first.height, first.width, args.size)
-    images = torch.stack([load_image(p, size) for p in paths])
+    first = load_images(paths[:1], args.size)[0]  # every image takes the first one's aspect-kept size
+    images = torch.stack([first] + [load_image(p, tuple(first.shape[-2:])) for p in paths[1:]])
     grids = teacher.features(images)[0]
     basis = PCABasis.fit(grids)  # one basis for all images, so colours mean the same thing across them
     fig, axes = plt.subplots(len(paths), 2, figsize=(8, 4 * len(paths)), squeeze=False)

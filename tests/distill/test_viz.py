@@ -23,6 +23,7 @@ from distill.config import TrainConfig, to_dict
 from distill.data.synth import render_scene
 from distill.dsi import DistillConfig, Injectors, dsi_loss, resolve_injections
 from distill.engine import TrainModel
+from distill.images import load_images
 from distill.pca import PCABasis, foreground_mask, resize_mask
 from distill.trained import load_trained
 
@@ -194,7 +195,7 @@ def test_projector_loaded_from_last_pt_matches_training(art):
 def test_checkpoint_features_cosine_agrees_with_dsi_loss(art):
     from teachers import load_teacher
 
-    images = viz.load_images(viz.image_paths([art["images"]], 2), SIZE)
+    images = load_images(viz.image_paths([art["images"]], 2), SIZE)
     teacher = load_teacher({"weights": art["teacher"]})
     grids = viz.teacher_grids_for(teacher, images)
     feats = viz.checkpoint_features(art["distilled"], images, teacher_grids=grids)
@@ -320,7 +321,7 @@ def test_projector_from_a_later_epoch_is_noted(art, tmp_path):
     shutil.copytree(art["distilled"], run)
     last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     torch.save({**last, "epoch": 5}, run / "checkpoints" / "last.pt")
-    images = viz.load_images([os.path.join(art["images"], "000000.jpg")], SIZE)
+    images = load_images([os.path.join(art["images"], "000000.jpg")], SIZE)
     grids = [torch.randn(32, SIZE // 32, SIZE // 32)]
     feats = viz.checkpoint_features(str(run / "checkpoints" / "best.pt"), images, ["F5"], grids)
     assert feats.cos_source == "projector"

@@ -162,3 +162,16 @@ def test_imagenet_normalisation_inside_the_model():
     plain = Detector(_Recorder(), enc, decoder, nn.Identity())
     plain(images)
     assert torch.equal(plain.backbone.seen, images)
+
+
+def test_tap_features_equal_the_taps_of_a_full_forward_normalisation_included():
+    # deimv2_s normalises its [0, 1] input inside the model: the backbone + encoder shortcut must do the same
+    student = build_student("deimv2_s", num_classes=2, input_size=(160, 160)).eval()
+    assert student.normalize_input
+    images = torch.rand(1, 3, 160, 160)
+    with torch.no_grad(), student.capture(["S4", "F5", "P5"]) as full:
+        student(images)
+    with torch.no_grad():
+        short = student.tap_features(images, ["S4", "F5", "P5"])
+    for name in ("S4", "F5", "P5"):
+        torch.testing.assert_close(short[name], full[name])
