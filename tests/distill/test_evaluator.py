@@ -1,5 +1,6 @@
 """COCO evaluator: ground truth fed back gives AP 1.0; hand-derived IoU cases; gathering across 2 processes."""
 
+import datetime
 import json
 import multiprocessing as mp
 
@@ -66,7 +67,9 @@ def test_shift_and_wrong_labels(dataset):
 
 
 def _worker(rank, init, gt, l2c, dets, q):
-    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    torch.distributed.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60)
+    )
     ev = CocoEvaluator(gt, l2c)
     ev.update(dets)
     q.put((rank, ev.summarize(), len(ev.results)))
@@ -84,12 +87,16 @@ def test_gather_across_two_processes(dataset, tmp_path):
     q = ctx.Queue()
     init = f"file://{tmp_path}/pg"
     procs = [ctx.Process(target=_worker, args=(r, init, dataset.coco.dataset, dataset.label_to_category,
-                                               parts[r], q)) for r in range(2)]
+                                               parts[r], q), daemon=True) for r in range(2)]
     for p in procs:
         p.start()
-    res = dict((r, (m, n)) for r, m, n in (q.get(timeout=60) for _ in procs))
-    for p in procs:
-        p.join(timeout=30)
+    try:
+        res = dict((r, (m, n)) for r, m, n in (q.get(timeout=120) for _ in procs))
+    finally:  # a rank that hangs is killed rather than left to block the test process at exit
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
     assert res[0][0] == res[1][0]  # every rank gets the same numbers
     # the same result computed in one process from the merged detections
     ev = build_evaluator(dataset)

@@ -1,10 +1,12 @@
 """GAM: both update rules on synthetic shares (band edges included), measurement against L1 norms by hand,
 state round trip, and equal weights across DDP ranks."""
 
+import datetime
 import io
 import math
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -186,7 +188,7 @@ def test_state_round_trip_mid_epoch():
 def _ddp_worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 1))
     groups = {"backbone": list(net[0].parameters()), "aifi": list(net[1].parameters()),
@@ -209,7 +211,15 @@ def test_ddp_ranks_agree_without_broadcast(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # fork: the children need no fresh interpreter (CPU-only gloo, nothing CUDA initialised)
-    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    ctx = mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False, start_method="fork")
+    deadline = time.time() + 180
+    try:
+        while not ctx.join(timeout=5):  # raises if a rank failed
+            assert time.time() < deadline, "DDP ranks did not finish in 180 s"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert r0["weight"] == r1["weight"] and r0["ratios"] == r1["ratios"]
     assert r0["weight"] != 5.0  # the weight did move
