@@ -22,13 +22,15 @@ import math
 import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .gam import GAM, SCALE_PRESETS, GAMConfig, gam_config_for, scale_preset
+from .yamlconf import ConfigError, build
 
 __all__ = [
     "GAMConfig",
@@ -38,6 +40,7 @@ __all__ = [
     "Distiller",
     "InjectionConfig",
     "Injectors",
+    "TeacherConfig",
     "build_projector",
     "dsi_loss",
     "resolve_injections",
@@ -52,8 +55,10 @@ TAP_PRESETS: dict[str, tuple[str, ...]] = {
 }
 # readable aliases usable wherever a preset name is
 TAP_PRESETS.update({"fig3a": TAP_PRESETS["a"], "fig3b": TAP_PRESETS["b"], "fig3c": TAP_PRESETS["c"]})
-PROJECTORS = ("linear", "mlp", "conv1x1", "conv3x3")
-LOSSES = ("cosine", "mse", "smooth_l1")
+Projector = Literal["linear", "mlp", "conv1x1", "conv3x3"]
+AlignLoss = Literal["cosine", "mse", "smooth_l1"]
+PROJECTORS: tuple[str, ...] = get_args(Projector)
+LOSSES: tuple[str, ...] = get_args(AlignLoss)
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -78,9 +83,72 @@ class InjectionConfig:
     tap: str = "F5"
     teacher: str = "main"
     layer: int = 0
-    projector: str = "linear"
-    loss: str = "cosine"
+    projector: Projector = "linear"
+    loss: AlignLoss = "cosine"
     weight: float = 1.0
+
+    def validate(self, where: str = "distill.injections") -> None:
+        """Checks of one injection on its own (the builder rejects bad choices already; an InjectionConfig
+        built in code reaches here unchecked). Teacher names and tap expansion: :func:`resolve_injections`."""
+        label = f"injection {self.name or self.tap!r}"
+        if self.projector not in PROJECTORS:
+            raise ConfigError(f"{label}: projector {self.projector!r} is not valid; choose from {list(PROJECTORS)}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"{label}: loss {self.loss!r} is not valid; choose from {list(LOSSES)}")
+        if self.weight < 0:
+            raise ConfigError(f"{label} ({where}): weight must be >= 0, got {self.weight}")
+        if not self.tap.strip("+ "):
+            raise ConfigError(f"{label} ({where}): empty tap; use a tap name or a preset {list(TAP_PRESETS)}")
+
+
+@dataclass
+class TeacherConfig:
+    """The schema of one mapping in ``distill.teachers`` (see :func:`teachers.load_teacher`).
+
+    The specs stay plain mappings in :class:`DistillConfig` (``load_teacher`` takes them as written, and which
+    keys are present decides the teacher kind); the config builder checks each against this class, so a typo
+    fails at load with the nearest valid key instead of when the teacher is loaded.
+
+    Attributes:
+        name: display name ("" = the preset, or the key in ``distill.teachers``).
+        preset / weights / timm / checkpoint: where the weights come from (a preset name; a hub id, directory or
+            DINOv3 ``.pth``; a timm model name, with ``weights`` optional; a detector checkpoint of ours).
+        student: the scale of a ``checkpoint`` that does not record it (an official ``.pth``).
+        tap: the detector teacher's tap (``checkpoint`` teachers only).
+        layers: indices of the hidden layers returned (foundation-model teachers).
+        input: ``match`` | ``native`` | an int | ``[h, w]``.
+        precision: ``auto`` | ``fp32`` | ``bf16`` | ``fp16``.
+        kwargs: extra keyword arguments of a timm model.
+
+    A test keeps these fields equal to the keys ``load_teacher`` accepts (``teachers.load.SPEC_KEYS``).
+    """
+
+    name: str = ""
+    preset: str | None = None
+    weights: str | None = None
+    timm: str | None = None
+    checkpoint: str | None = None
+    student: str | None = None
+    tap: str = "F5"
+    layers: int | list[int] = -1
+    input: str | int | list[int] = "match"
+    precision: str = "auto"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self, where: str = "distill.teachers") -> None:
+        # teachers is imported here: it loads the models' code, which reading a config does not need otherwise
+        from teachers import PRESETS
+        from teachers.base import parse_input_policy, resolve_precision
+
+        if not (self.preset or self.weights or self.timm or self.checkpoint):
+            raise ConfigError(f"{where}: name the weights with one of preset, weights, timm or checkpoint")
+        if self.preset and self.preset not in PRESETS:
+            raise ConfigError(f"{where}.preset {self.preset!r} is not a teacher preset; valid: {sorted(PRESETS)}")
+        try:
+            parse_input_policy(self.input)
+            resolve_precision(self.precision, torch.device("cpu"))
+        except ValueError as err:
+            raise ConfigError(f"{where}: {err}") from err
 
 
 @dataclass
@@ -94,7 +162,7 @@ class DistillConfig:
         gam: the weight controller (:class:`~distill.gam.GAMConfig`; rho/delta are fractions).
     """
 
-    teachers: dict[str, dict] = field(default_factory=dict)
+    teachers: dict[str, str | dict[str, Any]] = field(default_factory=dict)
     injections: list[InjectionConfig] = field(default_factory=list)
     gam: GAMConfig = field(default_factory=GAMConfig)
 
@@ -104,34 +172,22 @@ class DistillConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping | None) -> DistillConfig:
-        """Strict parse of a YAML mapping: unknown keys fail, naming the valid ones."""
-        data = dict(data or {})
-        _check_keys("distill", data, cls)
-        injections = [InjectionConfig(**_checked(f"distill.injections[{i}]", d, InjectionConfig))
-                      for i, d in enumerate(data.get("injections") or [])]
-        gam = GAMConfig(**_checked("distill.gam", data.get("gam") or {}, GAMConfig))
-        return cls(teachers=dict(data.get("teachers") or {}), injections=injections, gam=gam)
+        """Strict build from a YAML mapping (a ``distill`` block, e.g. read back from a checkpoint's config)."""
+        return build(cls, data or {}, "distill")
 
-
-def _check_keys(where: str, data: Mapping, cls) -> None:
-    valid = [f.name for f in fields(cls)]
-    unknown = sorted(set(data) - set(valid))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys: {valid}")
-
-
-def _checked(where: str, data, cls) -> dict:
-    if is_dataclass(data):
-        return {f.name: getattr(data, f.name) for f in fields(data)}
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
-    _check_keys(where, data, cls)
-    return dict(data)
+    def validate(self, where: str = "distill") -> None:
+        """Teacher specs against :class:`TeacherConfig`; with distillation on, the injections resolve (taps
+        expand, teachers exist, names are distinct). A disabled block may keep injections for a later teacher."""
+        for name, spec in self.teachers.items():
+            if not isinstance(spec, str):
+                build(TeacherConfig, spec, f"{where}.teachers.{name}")
+        if self.enabled:
+            resolve_injections(self)
 
 
 def rtv4_config(scale: str, teacher: str | dict = "dinov3_vitb16", gam: bool = True) -> DistillConfig:
     """The official RT-DETRv4 recipe of a scale (s/m/l/x): F5, linear projector, cosine loss, the scale's
-    initial weight and GAM settings (SPEC §2.4)."""
+    initial weight and GAM settings (docs/OFFICIAL.md §2.4)."""
     preset = scale_preset(scale)
     injection = InjectionConfig(name="F5", tap="F5", weight=preset["weight"])
     gam_cfg = gam_config_for(scale, rule="official") if gam else GAMConfig()
@@ -142,39 +198,32 @@ def rtv4_config(scale: str, teacher: str | dict = "dinov3_vitb16", gam: bool = T
 def resolve_injections(cfg: DistillConfig) -> list[InjectionConfig]:
     """Expand tap lists / presets, fill names and teachers, validate choices. One entry per (tap, teacher)."""
     if not cfg.teachers:
-        raise ValueError("distill.teachers is empty: name at least one teacher to distil from")
+        raise ConfigError("distill.teachers is empty: name at least one teacher to distil from")
     items = list(cfg.injections) or [InjectionConfig()]
     out: list[InjectionConfig] = []
-    for inj in items:
-        inj = InjectionConfig(**_checked("distill.injections[]", inj, InjectionConfig))
-        if inj.projector not in PROJECTORS:
-            raise ValueError(f"injection {inj.name or inj.tap!r}: projector {inj.projector!r} is not valid; "
-                             f"choose from {list(PROJECTORS)}")
-        if inj.loss not in LOSSES:
-            raise ValueError(f"injection {inj.name or inj.tap!r}: loss {inj.loss!r} is not valid; "
-                             f"choose from {list(LOSSES)}")
-        if inj.weight < 0:
-            raise ValueError(f"injection {inj.name or inj.tap!r}: weight must be >= 0, got {inj.weight}")
+    for i, inj in enumerate(items):
+        where = f"distill.injections.{i}"
+        # a DistillConfig built in code may hold plain mappings; the builder validates what it builds
+        inj = inj if isinstance(inj, InjectionConfig) else build(InjectionConfig, inj, where)
+        inj.validate(where)
         teacher = inj.teacher
         if teacher not in cfg.teachers:
             if teacher == "main" and len(cfg.teachers) == 1:
                 teacher = next(iter(cfg.teachers))
             else:
-                raise ValueError(f"injection {inj.name or inj.tap!r}: teacher {teacher!r} is not in "
+                raise ConfigError(f"injection {inj.name or inj.tap!r}: teacher {teacher!r} is not in "
                                  f"distill.teachers {list(cfg.teachers)}")
         taps = TAP_PRESETS.get(inj.tap) or tuple(t.strip() for t in inj.tap.split("+") if t.strip())
-        if not taps:
-            raise ValueError(f"injection {inj.name!r}: empty tap; use a tap name or a preset {list(TAP_PRESETS)}")
         for tap in taps:
             name = (f"{inj.name}_{tap}" if len(taps) > 1 else inj.name) if inj.name else tap
             out.append(replace(inj, name=name, tap=tap, teacher=teacher))
     names = [i.name for i in out]
     for name in names:
         if not _NAME.match(name):
-            raise ValueError(f"injection name {name!r} must use only letters, digits, '_' and '-'")
+            raise ConfigError(f"injection name {name!r} must use only letters, digits, '_' and '-'")
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise ValueError(f"injection names {dupes} are used twice; give the injections distinct 'name's")
+        raise ConfigError(f"injection names {dupes} are used twice; give the injections distinct 'name's")
     return out
 
 
@@ -253,11 +302,11 @@ class Injectors(nn.Module):
         self.projectors = nn.ModuleDict()
         for inj in injections:
             if inj.tap not in taps:
-                raise ValueError(f"injection {inj.name!r}: tap {inj.tap!r} does not exist on this student; "
+                raise ConfigError(f"injection {inj.name!r}: tap {inj.tap!r} does not exist on this student; "
                                  f"valid taps: {list(taps)}")
             dims = list(teacher_dims[inj.teacher])
             if not -len(dims) <= inj.layer < len(dims):
-                raise ValueError(f"injection {inj.name!r}: teacher {inj.teacher!r} returns {len(dims)} grid(s), "
+                raise ConfigError(f"injection {inj.name!r}: teacher {inj.teacher!r} returns {len(dims)} grid(s), "
                                  f"layer {inj.layer} is out of range")
             self.projectors[inj.name] = build_projector(inj.projector, _channels(taps[inj.tap]), int(dims[inj.layer]))
 
@@ -339,13 +388,12 @@ class Distiller:
             the gradient shares are measured (and logged) even in static-weight runs; GAM needs them.
         device: where teachers and projectors live.
 
-    Per step (engine)::
+    Per step (:class:`distill.engine.TrainStep`)::
 
         grids = distiller.teacher_features(images)                  # no graph
-        with student.capture(distiller.tap_names) as taps:
-            outputs = student(images, targets)
-        losses.update(distiller.losses(taps, grids))                # 'loss_distill' (+ '/name'), weighted
-        ... backward, unscale ...; distiller.after_backward()       # on gradient-sync steps
+        outputs, raw = train_model(images, targets, grids)          # the Injectors run inside the DDP module
+        losses.update(distiller.weigh(raw))                         # 'loss_distill' (+ '/name'), weighted
+        ... backward, unscale ...; distiller.measure()              # on gradient-sync steps
         metrics.update(distiller.end_epoch(epoch, stop_epoch))      # once per epoch
     """
 
@@ -402,11 +450,11 @@ class Distiller:
             return names[:1]
         if which == "all":
             if len({self.weights[n] for n in names}) > 1:
-                raise ValueError(f"distill.gam.injection 'all' drives one shared weight, but the injections have "
+                raise ConfigError(f"distill.gam.injection 'all' drives one shared weight, but the injections have "
                                  f"different weights {self.weights}; give them equal weights")
             return names
         if which not in self.weights:
-            raise ValueError(f"distill.gam.injection {which!r} is not an injection; valid: {names} or 'all'")
+            raise ConfigError(f"distill.gam.injection {which!r} is not an injection; valid: {names} or 'all'")
         return [which]
 
     # ---- per step ----------------------------------------------------------------------------------------------
@@ -435,18 +483,11 @@ class Distiller:
         self._stat_steps += 1
         return out
 
-    def losses(self, taps: Mapping[str, torch.Tensor], teacher_grids: Mapping) -> dict[str, torch.Tensor]:
-        """Weighted DSI losses of this step (see :meth:`weigh`)."""
-        return self.weigh(self.injectors(taps, teacher_grids))
-
     def measure(self, skip: bool | torch.Tensor = False) -> None:
         """Record the gradient shares of this step (after backward + unscale, on gradient-sync steps). ``skip``:
         see :meth:`GAM.measure` (non-finite gradients are dropped anyway)."""
         if self.gam is not None:
             self.gam.measure(skip)
-
-    after_backward = measure
-    weighted = weigh
 
     # ---- per epoch ---------------------------------------------------------------------------------------------
     def _key(self, base: str, name: str) -> str:

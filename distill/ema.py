@@ -2,7 +2,7 @@
 
 Effective decay after n updates: d(n) = decay * (1 - exp(-n / warmups)). ``decay`` is read at every update, so
 changing it (the stage-2 restart decay) really changes what is applied; the official ModelEMA captures it in a
-closure at construction and silently ignores later changes (SPEC §1.4).
+closure at construction and silently ignores later changes (docs/OFFICIAL.md §1.4).
 """
 
 from __future__ import annotations

@@ -5,9 +5,10 @@ Data flow of one optimizer step (see ARCHITECTURE.md):
     images, targets --TrainModel--> student outputs + taps --Injectors--> DSI terms
     criterion(outputs, targets) + sum(weight_i * DSI_i) --backward--> clip 0.1 --GAM.measure--> AdamW --> EMA
 
-Everything that decides the next step is in the checkpoint (model, EMA, optimizer, scaler, step counter,
-RNG states, data epoch, controller state), so a run killed at any point and resumed from ``last.pt`` replays
-the interrupted epoch exactly and ends with the same metrics.
+Everything that decides the next step is in the checkpoint (model, EMA, optimizer, scaler, step counter, data
+epoch, controller state) or is a function of (seed, epoch, rank): the data order and augmentation, and every random
+stream of the step, reseeded at each epoch start. So a run killed at any point and resumed from ``last.pt`` replays
+the interrupted epoch exactly and ends with the same metrics, in one process or several.
 """
 
 from __future__ import annotations
@@ -26,8 +27,12 @@ import torch
 from torch import nn
 
 from .config import TrainConfig, load_config, save_config, to_dict
+from .data import to_device
 from .ema import ModelEMA
+from .errors import MissingPathError
+from .evaluator import evaluate
 from .optim import build_optimizer
+from .rundir import RunDir
 from .schedule import set_lr
 
 CHECKPOINT_VERSION = 1
@@ -66,28 +71,39 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict:
-    """Every RNG the loop draws from, in a form ``torch.load(weights_only=True)`` accepts."""
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), int(np_state[2]), int(np_state[3]),
-                  float(np_state[4])),
-        "torch": torch.get_rng_state(),
-    }  # fmt: skip
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of one process's random streams in one epoch.
+
+    Every stream a training step draws from (denoising noise, dropout, anything in the global RNGs) is reseeded
+    from (seed, epoch, rank) at the start of each epoch. What runs between epochs (evaluation, checkpointing,
+    the first creation of a DataLoader iterator, which draws its base seed from the global RNG) therefore cannot
+    shift the next epoch's draws, and a run resumed at an epoch boundary replays that epoch exactly without
+    snapshotting any RNG state."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+class ProcessState:
+    """What a run changes in its interpreter (global RNGs, deterministic algorithms, torch's thread count),
+    captured at construction and put back by :meth:`restore`, so that runs made one after another in one
+    process (an in-process grid) do not inherit each other's settings."""
+
+    def __init__(self) -> None:
+        self.python = random.getstate()
+        self.numpy = np.random.get_state()
+        self.torch = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        self.deterministic = torch.are_deterministic_algorithms_enabled()
+        self.deterministic_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+        self.threads = torch.get_num_threads()
+
+    def restore(self) -> None:
+        random.setstate(self.python)
+        np.random.set_state(self.numpy)
+        torch.set_rng_state(self.torch)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+        torch.use_deterministic_algorithms(self.deterministic, warn_only=self.deterministic_warn_only)
+        torch.set_num_threads(self.threads)
 
 
 def set_cpu_threads(device: torch.device, num_workers: int, num_processes: int) -> None:
@@ -107,19 +123,6 @@ def atomic_save(obj, path: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def load_checkpoint(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _to_device(images, targets, device):
-    images = images.to(device, non_blocking=True)
-    targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
-               for t in targets]  # fmt: skip
-    return images, targets
 
 
 class _Progress:
@@ -165,23 +168,13 @@ def build_accelerator(cfg: TrainConfig):
     )
 
 
-def prepare_synth(data_cfg):
-    """Generate the embedded synthetic dataset on first use (``data.synth`` naming a directory not yet there)."""
-    if data_cfg.synth and not os.path.isfile(os.path.join(data_cfg.synth, "annotations", "instances_train.json")):
-        from .data.synth import make_synth
-
-        print(f"generating the embedded synthetic dataset in {data_cfg.synth} ...", flush=True)
-        make_synth(data_cfg.synth, seed=data_cfg.seed)  # native 320 px, whatever size the run trains at
-    return data_cfg
-
-
 def build_data(cfg: TrainConfig):
     """Resolved data config (synth generated on first use), train/val loaders, evaluator, class count."""
-    from .data import build_dataloader, build_evaluator, infer_num_classes, resolve_config
+    from .data import build_dataloader, infer_num_classes, resolve_config
+    from .data.synth import prepare_synth
+    from .evaluator import build_evaluator
 
-    # The student owns its input normalisation (DEIMv2 ViT variants normalise inside the model) and teachers
-    # need the [0, 1] batch, so the data pipeline never normalises here.
-    data_cfg = replace(resolve_config(prepare_synth(cfg.data)), normalize=False)
+    data_cfg = resolve_config(prepare_synth(cfg.data))  # batches in [0, 1]: the student normalises its own input
     train_loader = build_dataloader(data_cfg, "train")
     val_loader = build_dataloader(data_cfg, "val")
     found = infer_num_classes(data_cfg)
@@ -200,20 +193,91 @@ def build_distiller(cfg: TrainConfig, student, device):
     return Distiller(cfg.distill, student, device=device)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, evaluator, accelerator, max_steps: int = 0) -> dict:
-    """COCO metrics of ``model`` (the EMA student) on ``loader``; the same dict on every process."""
-    model.eval()
-    evaluator.reset()
-    for step, (images, targets) in enumerate(loader):
-        if max_steps and step >= max_steps:
-            break
-        images, targets = _to_device(images, targets, accelerator.device)
-        outputs = model(images)
-        sizes = torch.stack([t["orig_size"] for t in targets]).to(accelerator.device)
-        detections = model.postprocess(outputs, sizes)
-        evaluator.update(detections, [int(t["image_id"]) for t in targets])
-    return evaluator.summarize()
+# ---------------------------------------------------------------------------------------------------------------
+# One optimizer step: the seam that the loop and `distill bench step` share
+# ---------------------------------------------------------------------------------------------------------------
+class TrainStep:
+    """Forward, criterion, DSI, backward; on gradient-sync steps LR, clipping, GAM measurement, AdamW and EMA.
+
+    ``model`` is the Accelerate-prepared :class:`TrainModel`, ``student`` the unwrapped student (what the EMA
+    follows). Call ``step(images B x 3 x H x W in [0, 1], targets, epoch)`` -> ``(terms, total)``: the detection
+    and weighted DSI terms by name and their sum, or ``(None, None)`` when the summed loss was not finite on some
+    process (the step is skipped on every process alike). ``global_step`` counts optimizer steps.
+    """
+
+    def __init__(self, model: nn.Module, criterion: nn.Module, optimizer, accelerator, *, student: nn.Module,
+                 distiller=None, ema: ModelEMA | None = None, schedule=None, iters_per_epoch: int = 1,
+                 clip_max_norm: float = 0.1) -> None:  # fmt: skip
+        self.model, self.criterion, self.optimizer, self.accelerator = model, criterion, optimizer, accelerator
+        self.student, self.distiller, self.ema = student, distiller, ema
+        self.schedule, self.iters_per_epoch, self.clip_max_norm = schedule, iters_per_epoch, clip_max_norm
+        self.global_step = 0
+
+    def __call__(self, images: torch.Tensor, targets: list[dict], epoch: int):
+        acc = self.accelerator
+        with acc.accumulate(self.model):
+            grids = self.distiller.teacher_features(images) if self.distiller is not None else None
+            with acc.autocast():
+                outputs, dsi_terms = self.model(images, targets, grids)
+            losses = self.criterion(outputs, targets, epoch=epoch)
+            if self.distiller is not None:
+                losses.update(self.distiller.weigh(dsi_terms))
+            total = sum(losses.values())
+            # One host sync per step, as the official loop: a non-finite step must be skipped on every rank alike.
+            if not bool(torch.isfinite(acc.reduce(total.detach(), "sum"))):
+                self.optimizer.zero_grad(set_to_none=True)
+                return None, None
+            acc.backward(total)
+            if acc.sync_gradients:
+                if self.schedule is not None:
+                    set_lr(self.optimizer, self.global_step, self.schedule, self.iters_per_epoch)
+                if self.clip_max_norm > 0:
+                    acc.clip_grad_norm_(self.model.parameters(), self.clip_max_norm)
+                else:
+                    acc.unscale_gradients()
+                if self.distiller is not None:
+                    self.distiller.measure()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if acc.sync_gradients:
+                self.global_step += 1
+                if self.ema is not None:
+                    self.ema.update(self.student)
+        return losses, total
+
+
+class LossMeter:
+    """Per-term sums and counts of an epoch, reduced across processes in one collective.
+
+    A term can be missing from some steps (no denoising terms for a batch without boxes) and from some processes;
+    each term's mean is over the steps that produced it. The processes first agree on the complete, sorted list of
+    terms, so the number, order and shape of the collectives never depend on the data."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def add(self, terms: dict[str, torch.Tensor]) -> None:
+        for k, v in terms.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+            self.counts[k] += 1
+
+    def means(self, accelerator) -> dict[str, float]:
+        names = sorted(self.sums)
+        if accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            names = sorted(set().union(*gather_object([names])))
+        if not names:
+            return {}
+        zero = torch.zeros((), device=self.device)
+        values = torch.stack([self.sums.get(k, zero) for k in names]
+                             + [torch.tensor(float(self.counts[k]), device=self.device) for k in names])  # fmt: skip
+        values = accelerator.reduce(values, "sum").tolist()
+        n = len(names)
+        return {k: values[i] / values[n + i] for i, k in enumerate(names) if values[n + i] > 0}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,6 +291,7 @@ class Trainer:
         from students.criterion import build_criterion
 
         self.cfg = cfg
+        self._process_state = ProcessState()  # put back by close(): runs in one interpreter stay independent
         self.accelerator = acc = build_accelerator(cfg)
         set_cpu_threads(acc.device, cfg.data.num_workers, acc.num_processes)
         self.main = acc.is_main_process
@@ -238,7 +303,8 @@ class Trainer:
         if self.main:
             os.makedirs(self.ckpt_dir, exist_ok=True)
 
-        self.data_cfg, self.train_loader, self.val_loader, self.evaluator, self.num_classes = build_data(cfg)
+        with acc.main_process_first():  # one process generates the embedded dataset, the others then read it
+            self.data_cfg, self.train_loader, self.val_loader, self.evaluator, self.num_classes = build_data(cfg)
         self.class_names = _class_names(self.val_loader.dataset, self.num_classes)
         pretrained = cfg.model.pretrained or None
         if checkpoint is not None:
@@ -258,8 +324,12 @@ class Trainer:
         if self.ema is not None:
             self.ema.module.to(acc.device)
         self.iters_per_epoch = self._iters_per_epoch()
+        self.step = TrainStep(
+            self.model, self.criterion, self.optimizer, acc, student=self.student, distiller=self.distiller,
+            ema=self.ema, schedule=cfg.schedule, iters_per_epoch=self.iters_per_epoch,
+            clip_max_norm=cfg.optim.clip_max_norm,
+        )
         self.epoch = 0  # next epoch to run
-        self.global_step = 0
         self.best = {"AP": -1.0, "epoch": -1}
         self.wall_time = 0.0
         self.nonfinite_total = 0
@@ -279,9 +349,10 @@ class Trainer:
     @classmethod
     def resume(cls, run_dir: str, overrides: list[str] | None = None) -> Trainer:
         """Continue the run in ``run_dir`` from ``checkpoints/last.pt`` with its saved ``config.yaml``."""
-        cfg = load_config(os.path.join(run_dir, "config.yaml"), overrides)
-        cfg = replace(cfg, output_dir=run_dir)
-        return cls(cfg, checkpoint=load_checkpoint(os.path.join(run_dir, "checkpoints", "last.pt")))
+        if not os.path.isdir(run_dir):
+            raise MissingPathError(f"{run_dir}: no such run directory to resume")
+        run = RunDir(run_dir)
+        return cls(replace(run.config(overrides), output_dir=run_dir), checkpoint=run.training_state())
 
     def _restore(self, ckpt: dict) -> None:
         if ckpt.get("version") != CHECKPOINT_VERSION:
@@ -296,18 +367,15 @@ class Trainer:
         if self.distiller is not None and "distiller" in ckpt:
             self.distiller.load_state_dict(ckpt["distiller"])
         self.epoch = ckpt["epoch"] + 1
-        self.global_step = ckpt["global_step"]
+        self.step.global_step = ckpt["global_step"]
         self.best = dict(ckpt["best"])
         self.wall_time = ckpt.get("wall_time_s", 0.0)
         self.nonfinite_total = ckpt.get("nonfinite_total", 0)
         self.history = list(ckpt.get("history", []))
-        rng = ckpt["rng"][min(self.accelerator.process_index, len(ckpt["rng"]) - 1)]
-        set_rng_state(rng)
 
     # -- checkpoints -----------------------------------------------------------------------------------------
     def _state(self, epoch: int) -> dict:
         acc = self.accelerator
-        rngs = acc.gather_for_metrics([rng_state()], use_gather_object=True) if acc.num_processes > 1 else [rng_state()]
         scaler = getattr(acc, "scaler", None)
         state = {
             "version": CHECKPOINT_VERSION,
@@ -315,7 +383,7 @@ class Trainer:
             "num_classes": self.num_classes,
             "config": to_dict(self.cfg),
             "epoch": epoch,
-            "global_step": self.global_step,
+            "global_step": self.step.global_step,
             "best": self.best,
             "wall_time_s": self.wall_time,
             "nonfinite_total": self.nonfinite_total,
@@ -324,7 +392,6 @@ class Trainer:
             "model": self.student.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": rngs,
         }
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
@@ -351,8 +418,7 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         self.model.train()
         self.train_loader.set_epoch(epoch)
-        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=acc.device))
-        count = 0
+        meter = LossMeter(acc.device)
         images_seen = 0
         progress = _Progress(self.iters_per_epoch, epoch, cfg.log_interval, self.main)
         start = time.perf_counter()
@@ -361,9 +427,9 @@ class Trainer:
         for batch_index, (images, targets) in enumerate(self.train_loader):
             if batch_index >= max_batches:
                 break
-            images, targets = _to_device(images, targets, acc.device)
+            images, targets = to_device(images, targets, acc.device)
             try:
-                losses, total = self._step(images, targets, epoch)
+                losses, total = self.step(images, targets, epoch)
             except torch.OutOfMemoryError as err:
                 raise RuntimeError(
                     f"out of memory at batch size {images.shape[0]} and resolution {tuple(images.shape[-2:])}: "
@@ -384,54 +450,23 @@ class Trainer:
                     )
                 continue
             nonfinite_streak = 0
-            for k, v in losses.items():
-                sums[k] += v.detach()
-            sums["loss"] += total.detach()
-            count += 1
+            meter.add({**losses, "loss": total})
             images_seen += images.shape[0] * acc.num_processes
             step_in_epoch = (batch_index + 1) // cfg.grad_accum
             if (batch_index + 1) % cfg.grad_accum == 0:
                 elapsed = time.perf_counter() - start
                 show = step_in_epoch % cfg.log_interval == 0 or step_in_epoch == self.iters_per_epoch
-                loss_now = float(acc.reduce(sums["loss"], "mean")) / max(count, 1) if show else None
+                # the same steps on every process (the index alone decides), so the collective always matches
+                loss_now = None
+                if show:
+                    mine = meter.sums.get("loss", torch.zeros((), device=acc.device))
+                    seen = torch.tensor(float(meter.counts["loss"]), device=acc.device)
+                    got = acc.reduce(torch.stack([mine, seen]), "sum").tolist()
+                    loss_now = got[0] / max(got[1], 1.0)
                 progress.update(step_in_epoch, loss_now, images_seen / max(elapsed, 1e-9))
         progress.close()
         elapsed = time.perf_counter() - start
-        means = {k: float(v) / max(count, 1) for k, v in acc.reduce(dict(sums), "mean").items()} if sums else {}
-        return {**means, "epoch_time_s": elapsed, "images_per_s": images_seen / max(elapsed, 1e-9)}
-
-    def _step(self, images, targets, epoch: int):
-        """One forward/backward; optimizer, schedule and EMA on gradient-sync steps. Returns (terms, total) or
-        (None, None) when the loss was not finite (the step is skipped)."""
-        acc, cfg = self.accelerator, self.cfg
-        with acc.accumulate(self.model):
-            grids = self.distiller.teacher_features(images) if self.distiller is not None else None
-            with acc.autocast():
-                outputs, dsi_terms = self.model(images, targets, grids)
-            losses = self.criterion(outputs, targets, epoch=epoch)
-            if self.distiller is not None:
-                losses.update(self.distiller.weighted(dsi_terms))
-            total = sum(losses.values())
-            # One host sync per step, as the official loop: a non-finite step must be skipped on every rank alike.
-            if not bool(torch.isfinite(acc.reduce(total.detach(), "sum"))):
-                self.optimizer.zero_grad(set_to_none=True)
-                return None, None
-            acc.backward(total)
-            if acc.sync_gradients:
-                set_lr(self.optimizer, self.global_step, cfg.schedule, self.iters_per_epoch)
-                if cfg.optim.clip_max_norm > 0:
-                    acc.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_max_norm)
-                else:
-                    acc.unscale_gradients()
-                if self.distiller is not None:
-                    self.distiller.after_backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            if acc.sync_gradients:
-                self.global_step += 1
-                if self.ema is not None:
-                    self.ema.update(self.student)
-        return losses, total
+        return {**meter.means(acc), "epoch_time_s": elapsed, "images_per_s": images_seen / max(elapsed, 1e-9)}
 
     # -- the whole run ---------------------------------------------------------------------------------------
     def _stage_two(self, epoch: int) -> None:
@@ -439,24 +474,38 @@ class Trainer:
         if self.ema is None:
             return
         self.ema.decay = self.cfg.ema.restart_decay  # really applied (the official assignment is a no-op)
-        best = os.path.join(self.ckpt_dir, "best.pt")
-        if self.cfg.ema.reload_best_at_stop and os.path.isfile(best):
-            weights = load_checkpoint(best)["model"]
+        run = RunDir(self.run_dir)
+        if self.cfg.ema.reload_best_at_stop and run.best_path.is_file():
+            weights = run.weights("best").state
             self.student.load_state_dict(weights)
             self.ema.module.load_state_dict(weights)
             if self.main:
                 print(f"epoch {epoch}: no-aug stage, restarting from the best stage-1 EMA weights", flush=True)
 
     def fit(self) -> dict:
-        cfg, acc = self.cfg, self.accelerator
         if self.main:
-            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+            acc = self.accelerator
+            print(f"{self.cfg.model.student} in {self.run_dir}: processes: {acc.num_processes} "
+                  f"({acc.distributed_type.value.lower()}), device {acc.device}, from epoch {self.epoch}", flush=True)
+            save_config(self.cfg, os.path.join(self.run_dir, "config.yaml"))
             with open(os.path.join(self.run_dir, "metrics.jsonl"), "w") as f:  # the history so far (resume)
                 f.writelines(json.dumps(r) + "\n" for r in self.history)
+        try:
+            return self._fit()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Put back what the run changed in this interpreter (RNGs, deterministic mode, thread count)."""
+        self._process_state.restore()
+
+    def _fit(self) -> dict:
+        cfg, acc = self.cfg, self.accelerator
         stop_epoch = self.data_cfg.stop_epoch
         for epoch in range(self.epoch, cfg.schedule.epochs):
             if epoch == stop_epoch and epoch > 0:
                 self._stage_two(epoch)
+            seed_everything(epoch_seed(cfg.seed, epoch, acc.process_index))  # torch.manual_seed covers CUDA too
             t0 = time.perf_counter()
             record = {"epoch": epoch}
             with torch.enable_grad():  # whatever a caller switched off globally, training needs autograd
@@ -469,7 +518,7 @@ class Trainer:
             metrics = {}
             if last or (epoch + 1) % cfg.eval_every == 0:
                 eval_model = self.ema.module if self.ema is not None else acc.unwrap_model(self.model).student
-                metrics = evaluate(eval_model, self.val_loader, self.evaluator, acc)
+                metrics = evaluate(eval_model, self.val_loader, self.evaluator, acc.device)
                 record.update(metrics)
             self.wall_time += time.perf_counter() - t0
             improved = bool(metrics) and metrics["AP"] > self.best["AP"]

@@ -102,3 +102,23 @@ class CocoEvaluator:
 def build_evaluator(dataset: Any) -> CocoEvaluator:
     """Evaluator for a :class:`~distill.data.coco.CocoDetection` (uses its COCO dict and label map)."""
     return CocoEvaluator(dataset.coco.dataset, dataset.label_to_category)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: Any, evaluator: CocoEvaluator, device: torch.device,
+             max_steps: int = 0) -> dict[str, float]:
+    """COCO metrics of ``model`` (a student in eval mode: ``model(images)`` then ``model.postprocess``) on ``loader``
+    (batches of ``distill.data``); under torch.distributed every process evaluates its shard and gets the same dict.
+    """
+    from .data import to_device
+
+    model.eval()
+    evaluator.reset()
+    for step, (images, targets) in enumerate(loader):
+        if max_steps and step >= max_steps:
+            break
+        images, targets = to_device(images, targets, device)
+        outputs = model(images)
+        sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
+        evaluator.update(model.postprocess(outputs, sizes), [int(t["image_id"]) for t in targets])
+    return evaluator.summarize()

@@ -1,7 +1,8 @@
-"""ONNX export of a trained student, and the check that distillation leaves no trace in the deployed model.
+"""ONNX export of a trained student (the check that distillation leaves no trace in it: :mod:`distill.compare`).
 
 The exported graph (``distill export``) is the student alone, from the EMA weights, after ``deploy()`` (RepVGG /
-conv-BN fusion, decoder cut at ``eval_idx``, auxiliary heads dropped), followed by the top-k post-processing:
+conv-BN fusion, decoder cut at ``eval_idx``, auxiliary heads dropped), followed by the top-k post-processing. The
+student comes from :func:`students.checkpoint.load_student`, so every kind of weights the project reads exports.
 
 * input ``images``: ``B x 3 x H x W`` float32 in [0, 1] (DEIMv2 ViT scales normalise inside the graph). H x W is
   fixed at export: the deployed decoder's anchors and the AIFI position table are precomputed for it. B is dynamic
@@ -27,29 +28,25 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from .errors import UserError
+
 __all__ = [
     "INPUT_NAMES",
     "OUTPUT_NAMES",
     "ExportModel",
-    "compare_run",
     "export_onnx",
     "export_ok",
-    "format_comparison",
-    "load_student",
     "match_detections",
     "max_abs_diff",
     "onnx_initializers",
     "onnx_session",
     "prepare_for_export",
-    "read_checkpoint",
     "run_onnx",
-    "student_weights",
     "verify_export",
 ]
 
@@ -57,80 +54,6 @@ INPUT_NAMES = ("images", "orig_target_sizes")
 OUTPUT_NAMES = ("labels", "boxes", "scores")
 # GridSample (deformable attention sampling) exists from opset 16 on
 MIN_OPSET = 16
-# persistent buffers that are a pure function of the input size (the decoder's eval-time anchors)
-SIZE_BUFFERS = ("decoder.anchors", "decoder.valid_mask")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Checkpoints -> student
-# ---------------------------------------------------------------------------------------------------------------
-def read_checkpoint(path: str) -> dict:
-    """A checkpoint file, or a run directory (-> ``checkpoints/best.pt``), loaded on the CPU (weights only)."""
-    from .trained import resolve_checkpoint
-
-    path = resolve_checkpoint(path)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{path}: expected a checkpoint dict, got {type(ckpt).__name__}")
-    return ckpt
-
-
-def student_weights(ckpt: dict) -> dict[str, torch.Tensor]:
-    """The student's state dict of a checkpoint: the EMA copy where saved (``ema.module``), else ``model``.
-
-    ``train_model`` (student + training-only ``injectors.*`` projectors) is never read: the deployable weights are
-    the student's own.
-    """
-    if isinstance(ckpt.get("ema"), dict) and "module" in ckpt["ema"]:
-        return dict(ckpt["ema"]["module"])
-    if isinstance(ckpt.get("model"), dict):
-        return dict(ckpt["model"])
-    raise KeyError(f"checkpoint has neither 'ema.module' nor 'model' weights (keys: {sorted(ckpt)[:12]})")
-
-
-def load_student(
-    checkpoint: str | dict,
-    *,
-    student: str | None = None,
-    num_classes: int | None = None,
-    input_size: tuple[int, int] | None = None,
-):
-    """(student with the checkpoint's weights, in eval mode and not yet deployed; the checkpoint dict).
-
-    ``checkpoint``: a ``distill train`` checkpoint / run directory (records its student and classes), or an official
-    one (``{'ema': {'module': ...}}`` / ``{'model': ...}``), for which ``student`` names the scale and the
-    loading goes through :func:`students.checkpoint.load_official` (wrapper prefixes stripped, RT-DETRv4's
-    training-only ``encoder.feature_projector`` set aside). Where the checkpoint records ``student`` /
-    ``num_classes``, the arguments must agree. ``input_size`` (H, W) defaults to the scale's ``eval_spatial_size``;
-    at another size the anchors stored in the checkpoint are rebuilt for the new size (they depend on nothing else).
-    """
-    from students import build_student
-    from students.checkpoint import load_official
-
-    ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
-    ours = bool(ckpt.get("student"))
-    name = ckpt.get("student") or student
-    if not name:
-        raise KeyError("the checkpoint does not name its student; pass --student NAME or a --config naming it")
-    if student and ours and student != ckpt["student"]:
-        raise ValueError(f"--student/--config says {student!r} but the checkpoint holds {ckpt['student']!r}")
-    if num_classes and ckpt.get("num_classes") and num_classes != ckpt["num_classes"]:
-        raise ValueError(f"num_classes={num_classes} given but the checkpoint has {ckpt['num_classes']}")
-    classes = int(ckpt.get("num_classes") or num_classes or 80)
-    model = build_student(name, num_classes=classes, input_size=input_size, check_taps=False)
-    weights = student_weights(ckpt)
-    own = model.state_dict()
-    for key in SIZE_BUFFERS:
-        if key in weights and key in own and weights[key].shape != own[key].shape:
-            weights[key] = own[key]
-    if ours:
-        model.load_state_dict(weights)
-    else:
-        report = load_official(model, weights)
-        if report.reinitialized:  # an export with random class heads would be silently useless
-            raise ValueError(f"the checkpoint's class heads do not fit num_classes={classes}: "
-                             f"{', '.join(report.reinitialized)}; pass --num-classes")
-    return model.eval(), ckpt
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,7 +150,7 @@ def export_onnx(
     import onnx
 
     if opset < MIN_OPSET:
-        raise ValueError(f"opset={opset} is too old: GridSample (deformable attention) needs opset >= {MIN_OPSET}")
+        raise UserError(f"opset={opset} is too old: GridSample (deformable attention) needs opset >= {MIN_OPSET}")
     model = ExportModel(student, orig_sizes=orig_sizes).eval()
     # a dynamic batch is traced at 2, never 1: a traced size-1 dimension could be specialised by broadcasting
     inputs = model.example_inputs(batch=2 if dynamic_batch else 1)
@@ -263,10 +186,10 @@ def onnx_session(path: str, device: str = "cpu", threads: int | None = None):
         providers = ["CPUExecutionProvider"]
     elif device.startswith("cuda"):
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise ValueError(f"ONNX Runtime has no CUDA provider here (available: {ort.get_available_providers()})")
+            raise UserError(f"ONNX Runtime has no CUDA provider here (available: {ort.get_available_providers()})")
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     else:
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        raise UserError(f"device must be 'cpu' or 'cuda', got {device!r}")
     return ort.InferenceSession(path, options, providers=providers)
 
 
@@ -369,97 +292,3 @@ def onnx_initializers(path: str) -> dict[str, np.ndarray]:
                 if attr.type == onnx.AttributeProto.TENSOR:
                     arrays[node.output[0]] = numpy_helper.to_array(attr.t)
     return arrays
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Zero overhead of distillation (`distill zoo --compare RUN_DIR`)
-# ---------------------------------------------------------------------------------------------------------------
-def _numel(state: dict[str, torch.Tensor], prefix: str = "") -> int:
-    return sum(v.numel() for k, v in state.items() if k.startswith(prefix) and torch.is_floating_point(v))
-
-
-@torch.no_grad()
-def compare_run(run_dir: str, input_size: tuple[int, int] | None = None, seed: int = 0) -> dict[str, Any]:
-    """Params, GFLOPs and outputs of a run's deployed student against an undistilled student with the same weights.
-
-    ``distilled`` is exported from the run's ``best.pt`` through :func:`load_student` (the path ``distill export``
-    takes); ``plain`` is a fresh ``build_student`` given only the student's state dict, never having met a
-    projector. Both are exported to ONNX and run by ONNX Runtime on the same random images.
-
-    Expected: equal ``params_*`` / ``gflops_*`` / ``onnx_weights_*``, and ``max_abs_diff`` (position-wise, all
-    three outputs) exactly 0.0. ``vs_pytorch`` compares the run's ONNX file with the undistilled student in PyTorch
-    (:func:`match_detections`: float-precision differences). From ``last.pt`` where present, ``train_weights``
-    counts the float tensors of ``train_model`` (student + projectors, BatchNorm statistics included) and
-    ``distill_module_params`` its training-only ``injectors.*`` part, which deployment drops (0 without
-    distillation).
-    """
-    import tempfile
-
-    from students import build_student
-    from students.flops import count_flops, count_params
-
-    from .trained import resolve_checkpoint
-
-    best_path = resolve_checkpoint(run_dir)
-    best = read_checkpoint(best_path)
-    trained = ((best.get("config") or {}).get("data") or {}).get("img_size")
-    if input_size is None and trained:  # compare at the size the run trained and evaluated at
-        input_size = (int(trained), int(trained))
-    distilled, _ = load_student(best, input_size=input_size)
-    plain = build_student(best["student"], num_classes=int(best["num_classes"]), input_size=distilled.input_size,
-                          check_taps=False)
-    plain.load_state_dict(distilled.state_dict())
-    plain.eval()
-
-    last_path = os.path.join(os.path.dirname(best_path), "last.pt")
-    train_state = read_checkpoint(last_path).get("train_model", {}) if os.path.isfile(last_path) else {}
-
-    report: dict[str, Any] = {
-        "run_dir": run_dir,
-        "checkpoint": best_path,
-        "student": best["student"],
-        "input_size": list(distilled.input_size),
-        "train_weights": _numel(train_state) or None,
-        "distill_module_params": _numel(train_state, "injectors."),
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-        models, sessions = {}, {}
-        for tag, model in (("distilled", distilled), ("plain", plain)):
-            path = os.path.join(tmp, f"{tag}.onnx")
-            models[tag] = export_onnx(model, path)
-            sessions[tag] = onnx_session(path)
-            report[f"params_{tag}"] = count_params(models[tag].student)
-            report[f"gflops_{tag}"] = round(count_flops(models[tag].student) / 1e9, 4)
-            report[f"onnx_weights_{tag}"] = int(sum(a.size for a in onnx_initializers(path).values()
-                                                    if np.issubdtype(a.dtype, np.floating)))
-        inputs = models["plain"].example_inputs(batch=2, seed=seed)
-        got = {tag: run_onnx(s, *inputs) for tag, s in sessions.items()}
-        report["max_abs_diff"] = max_abs_diff(got["plain"], got["distilled"])
-        frames = models["plain"].input_wh.expand(2, 2)
-        report["vs_pytorch"] = match_detections(models["plain"](*inputs), got["distilled"], frames)
-    report["zero_overhead"] = (report["params_distilled"] == report["params_plain"]
-                               and report["gflops_distilled"] == report["gflops_plain"]
-                               and report["onnx_weights_distilled"] == report["onnx_weights_plain"]
-                               and report["max_abs_diff"] == 0.0)
-    return report
-
-
-def format_comparison(report: dict[str, Any]) -> str:
-    """The :func:`compare_run` report as a few aligned lines."""
-    rows = [
-        ("", "distilled run", "undistilled"),
-        ("params (deployed)", report["params_distilled"], report["params_plain"]),
-        ("GFLOPs (deployed)", report["gflops_distilled"], report["gflops_plain"]),
-        ("ONNX weights", report["onnx_weights_distilled"], report["onnx_weights_plain"]),
-    ]
-    width = max(len(str(r[0])) for r in rows)
-    lines = [f"{report['student']} at {'x'.join(map(str, report['input_size']))} from {report['checkpoint']}"]
-    lines += [f"  {a:<{width}}  {b!s:>14}  {c!s:>14}" for a, b, c in rows]
-    lines.append(f"  training-only distillation params (last.pt injectors.*): {report['distill_module_params']}"
-                 + (f" of {report['train_weights']} trained" if report["train_weights"] else ""))
-    vs = report["vs_pytorch"]
-    lines.append(f"  max |ONNX(run) - ONNX(undistilled)| over labels, boxes, scores: {report['max_abs_diff']:g}")
-    lines.append(f"  ONNX(run) vs PyTorch(undistilled): scores {vs['scores']:.1e}, boxes {vs['boxes']:.1e} px "
-                 f"({vs['boxes_rel']:.1e} of the image side), unmatched detections {vs['unmatched']}")
-    lines.append(f"  zero overhead: {'yes' if report['zero_overhead'] else 'NO'}")
-    return "\n".join(lines)

@@ -5,7 +5,7 @@ parameter group (backbone / AIFI / CCFF / decoder, plus the DSI projectors when 
 device, the share ``r_t = G_aifi / G_total``. At the end of the epoch :meth:`GAM.end_epoch` reads the mean share
 once (one host sync per epoch) and moves the weight toward the target band ``[rho - delta, rho + delta]``.
 
-Differences from the official implementation (SPEC §4.3), all deliberate:
+Differences from the official implementation (docs/OFFICIAL.md §4.3), all deliberate:
 
 * groups are lists of parameter objects built before any DDP / compile wrapping, never name prefixes, so the
   share is right in a single process, under DDP and under ``torch.compile``;
@@ -25,12 +25,17 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
-RULES = ("paper", "official")
-NORMS = {"l1": 1.0, "l2": 2.0}
+from .yamlconf import ConfigError
+
+Rule = Literal["paper", "official"]
+Norm = Literal["l1", "l2"]
+RULES: tuple[str, ...] = get_args(Rule)
+NORMS = {"l1": 1.0, "l2": 2.0}  # the p of each Norm choice
 # Below this mean share (a fraction) the AIFI gradient is taken as absent (the official test is 1e-6 percent).
 ZERO_RATIO = 1e-8
 
@@ -61,7 +66,7 @@ class GAMConfig:
     """
 
     enabled: bool = False
-    rule: str = "paper"
+    rule: Rule = "paper"
     rho: float = 0.11
     delta: float = 0.01
     injection: str = ""
@@ -72,30 +77,32 @@ class GAMConfig:
     max_step: float = 10.0
     min_weight: float = 0.0
     max_weight: float = 0.0
-    norm: str = "l1"
+    norm: Norm = "l1"
     count_projectors: bool = True
 
-    def validate(self) -> GAMConfig:
+    def validate(self, where: str = "distill.gam") -> GAMConfig:
+        """Semantic checks (the config builder calls this; so does :class:`GAM`). ``where``: the block's key."""
+        # the config builder already rejects bad choices; a GAMConfig built in code reaches here unchecked
         if self.rule not in RULES:
-            raise ValueError(f"distill.gam.rule {self.rule!r} is not valid; choose from {list(RULES)}")
+            raise ConfigError(f"{where}.rule {self.rule!r} is not valid; choose from {list(RULES)}")
         if self.norm not in NORMS:
-            raise ValueError(f"distill.gam.norm {self.norm!r} is not valid; choose from {list(NORMS)}")
+            raise ConfigError(f"{where}.norm {self.norm!r} is not valid; choose from {list(NORMS)}")
         if not 0.0 < self.rho < 1.0:
             hint = f" (rho is a fraction: write {self.rho / 100:g} for {self.rho:g}%)" if self.rho >= 1 else ""
-            raise ValueError(f"distill.gam.rho must lie in (0, 1), got {self.rho}{hint}")
+            raise ConfigError(f"{where}.rho must lie in (0, 1), got {self.rho}{hint}")
         if not 0.0 <= self.delta < self.rho:
-            raise ValueError(f"distill.gam.delta must lie in [0, rho={self.rho}), got {self.delta} (a fraction)")
+            raise ConfigError(f"{where}.delta must lie in [0, rho={self.rho}), got {self.delta} (a fraction)")
         if self.default_weight < 0 or self.min_weight < 0 or self.max_weight < 0:
-            raise ValueError("distill.gam default_weight / min_weight / max_weight must be >= 0")
+            raise ConfigError(f"{where} default_weight / min_weight / max_weight must be >= 0")
         if self.max_weight and self.max_weight < self.min_weight:
-            raise ValueError(f"distill.gam.max_weight {self.max_weight} < min_weight {self.min_weight}")
+            raise ConfigError(f"{where}.max_weight {self.max_weight} < min_weight {self.min_weight}")
         if self.ratio_floor <= 0 or self.max_step < 1:
-            raise ValueError(f"distill.gam needs ratio_floor > 0 and max_step >= 1, got {self.ratio_floor}, "
+            raise ConfigError(f"{where} needs ratio_floor > 0 and max_step >= 1, got {self.ratio_floor}, "
                              f"{self.max_step}")
         return self
 
 
-# RT-DETRv4 per-scale settings (SPEC §2.4; configs/rtv4/rtv4_hgnetv2_*_coco.yml), rho/delta as fractions.
+# RT-DETRv4 per-scale settings (docs/OFFICIAL.md §2.4; configs/rtv4/rtv4_hgnetv2_*_coco.yml), rho/delta as fractions.
 # weight = the initial ``loss_distill``; there is no official N scale.
 SCALE_PRESETS: dict[str, dict[str, float]] = {
     "s": {"weight": 5.0, "rho": 0.11, "delta": 0.01, "default_weight": 20.0},
@@ -109,7 +116,7 @@ def scale_preset(scale: str) -> dict[str, float]:
     """``'s' | 'm' | 'l' | 'x'`` (or a student name ending in ``_s`` ...) -> {weight, rho, delta, default_weight}."""
     key = scale.lower().rsplit("_", 1)[-1]
     if key not in SCALE_PRESETS:
-        raise ValueError(f"no RT-DETRv4 GAM preset for scale {scale!r}; valid: {list(SCALE_PRESETS)}")
+        raise ConfigError(f"no RT-DETRv4 GAM preset for scale {scale!r}; valid: {list(SCALE_PRESETS)}")
     return dict(SCALE_PRESETS[key])
 
 

@@ -6,6 +6,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import MissingPathError, UnreadableFileError
+
+
+def _exists(path: str) -> None:
+    import os
+
+    if not os.path.isfile(path):
+        raise MissingPathError(f"image not found: {path}")
+
 
 def sample_image_path() -> str:
     """A real photo that ships with scikit-learn (china.jpg, CC BY 2.0), for commands run without --image."""
@@ -18,10 +27,11 @@ def sample_image_path() -> str:
 
 def load_image(path: str, size: int | tuple[int, int] | None = None) -> torch.Tensor:
     """An image file -> 3 x H x W float tensor in [0, 1], resized to ``size`` (int: square) when given."""
+    _exists(path)
     try:
         img = Image.open(path).convert("RGB")
     except (OSError, ValueError) as err:
-        raise OSError(f"cannot read image {path}: {err}") from err
+        raise UnreadableFileError(f"cannot read image {path}: {err}") from err
     if size is not None:
         h, w = (size, size) if isinstance(size, int) else size
         img = img.resize((w, h), Image.BILINEAR)
@@ -41,10 +51,11 @@ def load_images(paths: list[str], long_side: int) -> list[torch.Tensor]:
     """3 x H x W in [0, 1] each, long side ``long_side``, aspect kept, sides multiples of 32."""
     out = []
     for path in paths:
+        _exists(path)
         try:
             with Image.open(path) as im:
                 size = fit_size(im.height, im.width, long_side)
         except (OSError, ValueError) as err:
-            raise OSError(f"cannot read image {path}: {err}") from err
+            raise UnreadableFileError(f"cannot read image {path}: {err}") from err
         out.append(load_image(path, size))
     return out

@@ -1,5 +1,5 @@
-"""AdamW with the official DEIM parameter groups (SPEC §1.2): regexes over parameter names, first match wins,
-unmatched parameters in a final default group. Every trainable parameter lands in exactly one group."""
+"""AdamW with the official DEIM parameter groups (docs/OFFICIAL.md §1.2): regexes over parameter names, first match
+wins, unmatched parameters in a final default group. Every trainable parameter lands in exactly one group."""
 
 from __future__ import annotations
 

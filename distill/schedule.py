@@ -1,4 +1,4 @@
-"""FlatCosine learning-rate schedule (DEIM, SPEC §1.6), a pure function of the global step.
+"""FlatCosine learning-rate schedule (DEIM, docs/OFFICIAL.md §1.6), a pure function of the global step.
 
 Being a function of the step (not an object with state) is what makes resume exact: the schedule position is
 the step counter saved in the checkpoint.

@@ -11,12 +11,12 @@ import os
 
 from torch import nn
 
-from .checkpoint import load_official, load_student, save_student
+from .checkpoint import load_official, save_student
 from .detector import Detector, Tap
 from .registry import COMPONENTS, STUDENTS, StudentSpec, get_spec
 
 __all__ = [
-    "Detector", "StudentSpec", "Tap", "build_student", "get_spec", "list_students", "load_official", "load_student",
+    "Detector", "StudentSpec", "Tap", "build_student", "get_spec", "list_students", "load_official",
     "save_student",
 ]
 

@@ -108,8 +108,11 @@ def _prepare_outputs(outputs: dict) -> dict:
 
 
 def _normalisers(counts: list[int], device: torch.device) -> torch.Tensor:
-    """Box counts averaged over the processes (one all-reduce), clamped >= 1; a tensor, so no host sync."""
-    values = torch.tensor(counts, dtype=torch.float32, device=device)
+    """Box counts averaged over the processes (one all-reduce), clamped >= 1; a tensor, so no host sync.
+
+    Each count is written by a fill kernel (``torch.full``): ``torch.tensor(list, device=cuda)`` would copy from
+    pageable host memory, which blocks the host until the GPU has caught up."""
+    values = torch.stack([torch.full((), float(c), dtype=torch.float32, device=device) for c in counts])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(values)
         values = values / dist.get_world_size()
@@ -402,7 +405,8 @@ _MATCHER = {"weight_dict": {"cost_class": 2.0, "cost_bbox": 5.0, "cost_giou": 2.
 _DFINE_SCALES = ("n", "s", "m", "l", "x")
 _RTDETRV2_SCALES = ("s", "m", "l", "x", "r18", "r34", "r50", "r50m", "r50_m", "r101")
 
-# per family: criterion keywords, matcher keywords, accepted scale suffixes (official configs, see SPEC 2.1-2.4)
+# per family: criterion keywords, matcher keywords, accepted scale suffixes (official configs, see
+# docs/OFFICIAL.md §2.1-2.4)
 FAMILIES: dict[str, dict] = {
     "dfine": {"criterion": {"weight_dict": _VFL_FULL, "losses": ["vfl", "boxes", "local"], "alpha": 0.75,
                             "gamma": 2.0, "use_uni_set": True},

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn import init
 
-from .denoising import get_contrastive_denoising_training_group
+from .denoising import get_contrastive_denoising_training_group, keep_denoising_in_graph
 from .fdr import distance2bbox, weighting_function
 from .layers import MLP, bias_init_with_prob, inverse_sigmoid
 
@@ -329,7 +329,8 @@ def generate_anchors(
     boxes = []
     for lvl, (h, w) in enumerate(spatial_shapes):
         ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-        centres = (torch.stack([xs, ys], -1).to(dtype) + 0.5) / torch.tensor([w, h], dtype=dtype, device=device)
+        # divide by Python numbers: a tensor made from them per level would be a host-to-device copy on a GPU
+        centres = torch.stack([(xs.to(dtype) + 0.5) / w, (ys.to(dtype) + 0.5) / h], -1)
         sizes = torch.full_like(centres, grid_size * 2.0**lvl)
         boxes.append(torch.cat([centres, sizes], -1).reshape(1, h * w, 4))
     boxes = torch.cat(boxes, dim=1)
@@ -688,6 +689,8 @@ class FDRTransformerBase(nn.Module):
 
         out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "pred_corners": corners[-1],
                "ref_points": refs[-1], "up": self.up, "reg_scale": self.reg_scale}
+        if dn_meta is None and self.num_denoising > 0:
+            out["pred_logits"] = keep_denoising_in_graph(out["pred_logits"], self.denoising_class_embed)
         if self.aux_loss:
             out["aux_outputs"] = _layer_outputs(logits[:-1], boxes[:-1], corners[:-1], refs[:-1], corners[-1],
                                                 logits[-1])

@@ -128,3 +128,10 @@ def get_contrastive_denoising_training_group(
         "dn_num_split": [total_dn, num_queries],
     }
     return input_query_logits, input_query_bbox, attn_mask, dn_meta
+
+
+def keep_denoising_in_graph(logits: torch.Tensor, class_embed: torch.nn.Module) -> torch.Tensor:
+    """``logits`` plus zero times the denoising embedding, for a training batch that built no denoising queries
+    (no boxes in it). Under DDP every process must produce a gradient, zero or not, for the same parameters, or the
+    processes' gradient all-reduces stop matching when another process's batch did have boxes."""
+    return logits + 0.0 * class_embed.weight.sum()

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .registry import IMAGENET_MEAN, IMAGENET_STD
+from .errors import UnknownNameError
+from .imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 _LEVEL = {8: "3", 16: "4", 32: "5"}
 GROUPS = ("backbone", "aifi", "ccff", "decoder")
@@ -182,7 +183,9 @@ class Detector(nn.Module):
         names = [names] if isinstance(names, str) else list(names)
         unknown = [n for n in names if n not in self.taps]
         if unknown:
-            raise KeyError(f"unknown tap(s) {unknown} for {self.name or 'this student'}; valid: {list(self.taps)}")
+            raise UnknownNameError(
+                f"unknown tap(s) {unknown} for {self.name or 'this student'}; valid: {list(self.taps)}"
+            )
         return TapCapture(self, [self.taps[n] for n in names])
 
     @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Parameter and FLOP counts of a student, measured the way SPEC.md 2.5 measured the official models.
+"""Parameter and FLOP counts of a student, measured the way docs/OFFICIAL.md §2.5 measured the official models.
 
 FLOPs come from :class:`torch.utils.flop_counter.FlopCounterMode` (2 FLOPs per multiply-add) on one image at the
 scale's input size, in eval mode. That counter has no formula for the CPU attention kernel

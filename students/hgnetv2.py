@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from .errors import MissingPathError
 from .layers import get_activation
 
 __all__ = ["HGNetv2", "StageCfg", "HGNETV2_ARCHS", "freeze_batch_norm", "load_checkpoint_file"]
@@ -393,7 +394,7 @@ class HGNetv2(nn.Module):
         path = self.stage1_path(pretrained, local_model_dir)
         if not os.path.isfile(path):
             ckpt = HGNETV2_ARCHS[self.name].checkpoint
-            raise FileNotFoundError(
+            raise MissingPathError(
                 f"HGNetv2-{self.name}: pretrained weights not found at {os.path.abspath(path)!r}. Weights are never "
                 f"downloaded here: fetch {_STAGE1_URL.format(ckpt)} into that folder (local_model_dir), pass the "
                 f"file path as `pretrained`, or set pretrained=False.")

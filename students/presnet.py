@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import MissingPathError
 from .hgnetv2 import freeze_batch_norm, load_checkpoint_file
 from .layers import get_activation
 
@@ -220,7 +221,7 @@ class PResNet(nn.Module):
         found = next((c for c in candidates if os.path.isfile(c)), None)
         if found is None:
             looked = ", ".join(repr(os.path.abspath(c)) for c in candidates)
-            raise FileNotFoundError(
+            raise MissingPathError(
                 f"PResNet{self.depth}: pretrained weights not found (looked for {looked}). Weights are never "
                 f"downloaded here: fetch {_WEIGHT_URL.format(filename)} into local_model_dir, pass the file path "
                 f"as `pretrained`, or set pretrained=False.")

@@ -6,7 +6,7 @@ the official YAML configs after their ``__include__`` chain is merged (DEIM ``co
 level (``eval_spatial_size``; ``num_classes`` is added by :func:`students.build_student`). Keys that only point at
 pretrained-weight downloads (``pretrained``, ``local_model_dir``, ``weights_path``) are replaced by
 ``pretrained=False`` / dropped: a student never downloads; the file the official code would have used is kept in
-``backbone_weights`` for the record. ``official`` holds the fidelity targets of SPEC.md section 2.5.
+``backbone_weights`` for the record. ``official`` holds the fidelity targets of docs/OFFICIAL.md §2.5.
 
 The training recipe (epochs, LR, augmentation, loss weights) lives with the configs, not here.
 """
@@ -16,6 +16,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from typing import Any
+
+from .errors import UnknownNameError
 
 FAMILIES = ("deim_dfine", "deimv2", "deim_rtdetrv2")
 
@@ -33,13 +35,12 @@ COMPONENTS: dict[str, str] = {
 }
 
 _POSTPROCESSOR = {"num_top_queries": 300, "use_focal_loss": True}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
 class OfficialFigures:
-    """Sizes of the official model (SPEC.md 2.5): as built, after ``deploy()``, and as printed in the README."""
+    """Sizes of the official model (docs/OFFICIAL.md §2.5): as built, after ``deploy()``, and as printed in the
+    README."""
 
     params: int
     deploy_params: int
@@ -396,4 +397,4 @@ def get_spec(name: str) -> StudentSpec:
     try:
         return STUDENTS[name]
     except KeyError:
-        raise KeyError(f"unknown student {name!r}; valid names: {', '.join(STUDENTS)}") from None
+        raise UnknownNameError(f"unknown student {name!r}; valid names: {', '.join(STUDENTS)}") from None

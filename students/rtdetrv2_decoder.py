@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .denoising import get_contrastive_denoising_training_group
+from .denoising import get_contrastive_denoising_training_group, keep_denoising_in_graph
 from .layers import MLP, bias_init_with_prob, get_activation, inverse_sigmoid
 
 __all__ = ["MSDeformableAttention", "TransformerDecoderLayer", "TransformerDecoder", "RTDETRTransformerv2"]
@@ -474,6 +474,8 @@ class RTDETRTransformerv2(nn.Module):
             dn_out_logits, out_logits = out_logits.split(dn_meta["dn_num_split"], dim=2)
 
         out = {"pred_logits": out_logits[-1], "pred_boxes": out_boxes[-1]}
+        if self.training and dn_meta is None and self.num_denoising > 0:
+            out["pred_logits"] = keep_denoising_in_graph(out["pred_logits"], self.denoising_class_embed)
         if self.training and self.aux_loss:
             out["aux_outputs"] = self._set_aux_loss(out_logits[:-1], out_boxes[:-1])
             out["enc_aux_outputs"] = self._set_aux_loss(enc_logits, enc_boxes)
@@ -491,7 +493,7 @@ class RTDETRTransformerv2(nn.Module):
         """Drop the layers (and their heads) after ``eval_idx``: eval never runs them.
 
         The official RT-DETRv2 decoder has no deploy step; for every official config ``eval_idx`` is the last
-        layer, so this changes nothing there (parameter counts stay those of SPEC §2.5).
+        layer, so this changes nothing there (parameter counts stay those of docs/OFFICIAL.md §2.5).
         """
         keep = self.decoder.eval_idx + 1
         self.decoder.layers = self.decoder.layers[:keep]

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import MissingPathError
 from .vit import DINOV3_CONFIGS, DinoVisionTransformer, VisionTransformer
 
 VIT_TINY_NAMES = ("vit_tiny", "vit_tinyplus")
@@ -69,7 +70,7 @@ def load_vit_weights(module: nn.Module, weights_path: str) -> tuple[list[str], l
     are reported by name in a warning; tensors with a wrong shape raise.
     """
     if not os.path.isfile(weights_path):
-        raise FileNotFoundError(f"ViT weights_path does not exist: {weights_path!r}")
+        raise MissingPathError(f"ViT weights_path does not exist: {weights_path!r}")
     state = _unwrap_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True), weights_path)
     result = module.load_state_dict(state, strict=False)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)

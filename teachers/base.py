@@ -14,8 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from students.errors import UserError
+
+# re-exported beside the CLIP and SigLIP statistics: the teachers pick their normalisation from this module
+from students.imagenet import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
@@ -33,7 +36,7 @@ def parse_input_policy(policy) -> str | tuple[int, int]:
         return (policy, policy)
     if isinstance(policy, Sequence) and len(policy) == 2 and all(isinstance(v, int) and v > 0 for v in policy):
         return (int(policy[0]), int(policy[1]))
-    raise ValueError(f"teacher input policy {policy!r} is not valid: use 'match', 'native', an int or [h, w]")
+    raise UserError(f"teacher input policy {policy!r} is not valid: use 'match', 'native', an int or [h, w]")
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -41,7 +44,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     if precision not in PRECISIONS:
-        raise ValueError(f"teacher precision {precision!r} is not valid; choose from {['auto', *PRECISIONS]}")
+        raise UserError(f"teacher precision {precision!r} is not valid; choose from {['auto', *PRECISIONS]}")
     return PRECISIONS[precision]
 
 

@@ -1,37 +1,39 @@
-"""A detector trained by this framework as a teacher: big-detector-to-small-detector distillation.
+"""A trained detector as a teacher: big-detector-to-small-detector distillation.
 
 ``{checkpoint: RUN_DIR/checkpoints/best.pt, tap: F5}`` loads the EMA student of that run and returns the map at
-the tap (stride 32 for F5/P5/S5). It also gives a teacher with real signal on machines where foundation-model
-weights cannot be downloaded.
+the tap (stride 32 for F5/P5/S5). Any weights :func:`students.checkpoint.read_weights` takes will do; an official
+``.pth`` records no scale, so it needs ``student: NAME`` too. It also gives a teacher with real signal on
+machines where foundation-model weights cannot be downloaded.
 """
 
 from __future__ import annotations
 
 import torch
 
+from students.errors import MissingPathError, UserError
+from students.load import load_student
+
 from .base import Teacher
 
 
 class DetectorTeacher(Teacher):
-    def __init__(self, checkpoint: str, tap: str = "F5", name: str = "", **policy):
-        from distill.trained import load_trained
-
+    def __init__(self, checkpoint: str, tap: str = "F5", name: str = "", student: str | None = None, **policy):
         try:
-            student, ckpt = load_trained(checkpoint)
-        except FileNotFoundError as err:
-            raise FileNotFoundError(
+            model = load_student(checkpoint, student=student)
+        except MissingPathError as err:
+            raise MissingPathError(
                 f"{err}. A detector teacher is the best.pt of a run of `distill train`: train that run first "
                 "(for the quickstart distillation: `distill train experiments/quickstart.yaml`)"
             ) from err
-        if tap not in student.taps:
-            raise ValueError(f"teacher checkpoint {checkpoint}: unknown tap {tap!r}; valid: {sorted(student.taps)}")
-        info = student.taps[tap]
+        if tap not in model.taps:
+            raise UserError(f"teacher checkpoint {checkpoint}: unknown tap {tap!r}; valid: {sorted(model.taps)}")
+        info = model.taps[tap]
         # A detector sees the student's own [0, 1] images; it normalises inside itself where it needs to.
         super().__init__(
-            name or f"{ckpt['student']}:{tap}", info.stride, [info.channels], (0.0, 0.0, 0.0), (1.0, 1.0, 1.0),
+            name or f"{model.name}:{tap}", info.stride, [info.channels], (0.0, 0.0, 0.0), (1.0, 1.0, 1.0),
             **{"input": "native", **policy},
         )  # fmt: skip
-        self.model = student
+        self.model = model
         self.tap = tap
         self.freeze()
 

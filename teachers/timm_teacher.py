@@ -2,21 +2,48 @@
 
 Layer ``-1`` is ``forward_features`` (final norm applied for ViTs); ``k >= 0`` is block/stage ``k`` through timm's
 ``forward_intermediates``.
+
+Weights are required: a timm model built without them is random, and distilling from it would teach noise
+without a word. ``weights: random`` asks for the random initialisation explicitly (tests, smoke runs).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 import timm
 import torch
 
+from students.errors import MissingPathError, UserError
+
 from .base import IMAGENET_MEAN, IMAGENET_STD, Teacher, tokens_to_grid
 
+log = logging.getLogger(__name__)
 
-def _load_weights(model: torch.nn.Module, path: str) -> None:
+RANDOM_WEIGHTS = "random"
+
+
+def _weights_key(name: str) -> str:
+    """The config key a user sets, spelled as in the YAML file (the teacher's name in ``distill.teachers``)."""
+    return f"distill.teachers.{name or '<name>'}.weights"
+
+
+def _check_weights(model_name: str, weights: str | os.PathLike | None, name: str) -> bool:
+    """True when random weights were asked for; an error when no weights were given at all."""
+    if weights is None or (isinstance(weights, str) and not weights.strip()):
+        raise UserError(
+            f"timm teacher {model_name!r} has no weights: set {_weights_key(name)} to a weights file "
+            f"(.safetensors, .pth) or to {RANDOM_WEIGHTS!r} for a randomly initialised teacher"
+        )
+    if not isinstance(weights, str | os.PathLike):
+        raise UserError(f"{_weights_key(name)} must be a file path or {RANDOM_WEIGHTS!r}, got {weights!r}")
+    return str(weights) == RANDOM_WEIGHTS
+
+
+def _load_weights(model: torch.nn.Module, path: str, name: str) -> None:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"timm teacher weights not found: {path}")
+        raise MissingPathError(f"timm teacher weights not found: {path} ({_weights_key(name)})")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -28,13 +55,30 @@ def _load_weights(model: torch.nn.Module, path: str) -> None:
 
 
 class TimmTeacher(Teacher):
-    def __init__(self, model_name: str, weights: str | None = None, layers=(-1,), kwargs=None, name="", **policy):
+    """A timm model as a frozen teacher.
+
+    weights: a ``.safetensors`` / ``.pth`` file (strictly loaded) or ``'random'``; None is an error naming the
+    config key. name: the teacher's key in ``distill.teachers`` (used in messages and as its display name).
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        weights: str | os.PathLike | None = None,
+        layers=(-1,),
+        kwargs=None,
+        name: str = "",
+        **policy,
+    ):
+        random_init = _check_weights(model_name, weights, name)
         kwargs = dict(kwargs or {})
         model = timm.create_model(model_name, pretrained=False, **kwargs)
         if hasattr(model, "patch_embed"):  # ViT family: any input size, position embeddings resampled
             model = timm.create_model(model_name, pretrained=False, dynamic_img_size=True, **kwargs)
-        if weights:
-            _load_weights(model, weights)
+        if random_init:
+            log.warning("timm teacher %r: random weights (%s is %r)", model_name, _weights_key(name), RANDOM_WEIGHTS)
+        else:
+            _load_weights(model, str(weights), name)
         is_vit = hasattr(model, "patch_embed")
         if is_vit:
             patch = model.patch_embed.patch_size

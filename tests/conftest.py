@@ -18,3 +18,13 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    # Tests marked `cuda` run wherever torch sees a GPU and are reported as skipped, with the reason, elsewhere.
+    if torch.cuda.is_available():
+        return
+    no_cuda = pytest.mark.skipif(True, reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(no_cuda)

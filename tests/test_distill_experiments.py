@@ -4,7 +4,7 @@ experiment.
 
 Every file must load strictly (configs through ``load_config``, grids through ``distill.grid``, each grid run
 with its own overrides), name valid teachers and taps, and the RT-DETRv4 files must carry the official numbers
-of SPEC §2.4, written out below independently of the code's own presets.
+of docs/OFFICIAL.md §2.4, written out below independently of the code's own presets.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ EMBEDDED_CONFIGS = [EXP / "embedded" / f for f in ("teacher.yaml", "student.yaml
 CONFIGS = RTV4 + DEIMV2 + EMBEDDED_CONFIGS + [EXP / "quickstart_distill.yaml"]
 GRIDS = sorted((EXP / "ablations").glob("*.yaml")) + [EXP / "embedded" / "grid.yaml"]
 
-# SPEC §2.4 (official configs/rtv4/rtv4_hgnetv2_{s,m,l,x}_coco.yml); rho / delta in PERCENT as written there.
+# docs/OFFICIAL.md §2.4 (official configs/rtv4/rtv4_hgnetv2_{s,m,l,x}_coco.yml); rho / delta in PERCENT, as
+# written there.
 RTV4_FACTS = {
     "s": dict(student="deim_dfine_s", epochs=132, flat=64, no_aug=12, policy=[4, 64, 120], stop=120,
               lr=4e-4, backbone_lr=2e-4, wd=1e-4, weight=5, rho_pct=11, delta_pct=1, default=20),
@@ -137,7 +138,7 @@ def test_rtdetrv4_recipe_matches_spec(scale):
 
 
 def test_rtdetrv4_adds_only_the_distill_block():
-    """RT-DETRv4 = DEIM-D-FINE + DSI/GAM (SPEC 2.4): every other key equals the student recipe's."""
+    """RT-DETRv4 = DEIM-D-FINE + DSI/GAM (docs/OFFICIAL.md §2.4): every other key equals the student recipe's."""
     for path in RTV4:
         ours = load_yaml(str(path))
         student = load_yaml(str(EXP / "students" / f"deim_dfine_{path.stem}.yaml"))
@@ -193,10 +194,10 @@ def test_quickstart_distill_end_to_end_step(tmp_path):
     student.train()
     with student.capture(distiller.tap_names) as taps:
         student(images, targets)
-    losses = distiller.losses(taps, grids)
+    losses = distiller.weigh(distiller.injectors(taps, grids))
     assert set(losses) == {"loss_distill"}
     losses["loss_distill"].backward()
-    distiller.after_backward()
+    distiller.measure()
     metrics = distiller.end_epoch(0, cfg.data.stop_epoch)
     ratio, gam = metrics["aifi_grad_ratio"], cfg.distill.gam
     assert metrics["distill_weight"] == 5.0 and 0 < ratio < 1

@@ -1,7 +1,8 @@
-"""The recipe configs under experiments/: every file loads strictly and says what the official configs say.
+"""The recipe configs under experiments/: every file is built strictly and says what the official configs say.
 
-The expected numbers below are copied by hand from the SPEC.md tables (sections 2.1-2.3), not from the YAML
-files, so a typo in a config fails here. Parameter-group regexes are checked against the real parameter names
+The per-scale files under experiments/students/ are the one source of per-scale recipes. The expected numbers
+below are copied by hand from docs/OFFICIAL.md §2.1-2.3 (the official configs), not from the YAML files, so a
+typo in a config fails here. Parameter-group regexes are checked against the real parameter names
 of every student: built on the ``meta`` device (names without memory or init cost) for all scales, and on the
 CPU for the small ones so that the optimizer the engine builds can be inspected too.
 """
@@ -16,13 +17,18 @@ import pytest
 import torch
 import yaml
 
-from distill.config import TrainConfig, load_config, load_yaml
-from distill.data.config import PRESETS, DataConfig, resolve_config
+from distill.config import TrainConfig, load_config, load_yaml, to_dict
+from distill.data.config import resolve_config
+from distill.grid import expand, load_grid
 from distill.optim import build_optimizer
+from distill.yamlconf import merge
 from students import build_student, list_students
 from students.criterion import build_criterion
+from students.registry import get_spec
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "experiments"
+OFFICIAL = ROOT / "docs" / "OFFICIAL.md"
 ALL_YAML = sorted(p for p in EXPERIMENTS.rglob("*") if p.suffix in (".yaml", ".yml"))
 STUDENT_FILES = sorted((EXPERIMENTS / "students").glob("*.yaml"))
 # files that are whole training configs (grid specs and other files under experiments/ may not be)
@@ -36,8 +42,8 @@ def _rel(path: Path) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Facts from SPEC.md 2.1 (DEIM-D-FINE), 2.2 (DEIM-RT-DETRv2), 2.3 (DEIMv2). ``None`` in `repeat` means multi-scale
-# off; `...` means the SPEC table does not state the value.
+# Facts from docs/OFFICIAL.md §2.1 (DEIM-D-FINE), §2.2 (DEIM-RT-DETRv2), §2.3 (DEIMv2). ``None`` in `repeat` means
+# multi-scale off; `...` means the official table there does not state the value.
 # name: (epochs, flat, no_aug, lr, backbone_lr, weight_decay, total batch, policy epochs, stop, img, repeat)
 # --------------------------------------------------------------------------------------------------------------
 FACTS = {
@@ -61,7 +67,7 @@ FACTS = {
     "deim_rtdetrv2_r101": (60, 34, 2, 2e-4, 2e-6, ..., 16, [4, 34, 58], 58, 640, ...),
 }
 # DEIMv2 per-scale extras: (matcher_change_epoch, mosaic output / prob, sanitize min_size, mixup window,
-# copy-blend prob and window, warmup_iter, ImageNet normalisation)
+# copy-blend prob and window, warmup_iter, ImageNet normalisation of the input, which the student applies itself)
 DEIMV2 = {
     "deimv2_atto": (450, (160, 0.3), 12, None, None, 4000, False),
     "deimv2_femto": (450, (208, 0.5), 10, None, None, 4000, False),
@@ -81,11 +87,23 @@ def _load(name: str) -> TrainConfig:
 # --------------------------------------------------------------------------------------------------------------
 # Every file
 # --------------------------------------------------------------------------------------------------------------
+def _is_grid(path: Path) -> bool:
+    return "base" in (yaml.safe_load(path.read_text()) or {})
+
+
 @pytest.mark.parametrize("path", ALL_YAML, ids=_rel)
-def test_every_yaml_parses(path: Path):
-    with open(path) as f:
-        doc = yaml.safe_load(f)
-    assert isinstance(doc, dict) and doc, f"{_rel(path)} is not a non-empty mapping"
+def test_every_yaml_builds(path: Path):
+    """Every file is built through the strict builder (not just parsed): a config with its includes; a grid
+    expanded, each cell's config built with the cell's overrides."""
+    if _is_grid(path):
+        grid = load_grid(path)
+        configs = [load_config(grid.base, run.override_args()) for run in expand(grid)]
+        assert configs, f"{_rel(path)} expands to no run"
+    else:
+        configs = [load_config(str(path))]
+    for cfg in configs:
+        assert isinstance(cfg, TrainConfig)
+        resolve_config(cfg.data)
 
 
 @pytest.mark.parametrize("path", TRAIN_CONFIGS + BASE_FILES, ids=_rel)
@@ -95,6 +113,34 @@ def test_loads_strictly(path: Path):
     resolve_config(cfg.data)  # the data pipeline's own checks (windows ordered, sizes multiple of 32, ...)
     for group in cfg.optim.groups:
         re.compile(group.params)
+
+
+def _leaves(d: dict, prefix: str = ""):
+    for key, value in d.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, path)
+        else:
+            yield path, value
+
+
+def _at(d: dict, path: str):
+    for part in path.split("."):
+        d = d[part]
+    return d
+
+
+@pytest.mark.parametrize("path", BASE_FILES, ids=_rel)
+def test_base_files_restate_no_default(path: Path):
+    """The dataclass defaults hold the generic values (the shared DEIM recipe); a base file sets only what its
+    family changes. A key restating the value beneath it (defaults + the file's includes) would be a second copy
+    that could drift from the first, so it fails here."""
+    own = yaml.safe_load(path.read_text())
+    beneath = to_dict(TrainConfig())
+    for include in own.pop("include", []):
+        beneath = merge(beneath, load_yaml(str(path.parent / include)))
+    restated = [key for key, value in _leaves(own) if _at(beneath, key) == value]
+    assert not restated, f"{_rel(path)} restates {restated}: delete them (or change the default)"
 
 
 def test_every_registered_scale_has_a_config():
@@ -139,7 +185,8 @@ def test_family_recipe(name: str):
     cfg = _load(name)
     d, e = cfg.data, cfg.ema
     if name.startswith("deim_rtdetrv2"):
-        assert (e.warmups, e.restart_decay, d.val_batch_size) == (2000, 0.9999, 64)  # SPEC 2.2, rt_optimizer.yml
+        # docs/OFFICIAL.md §2.2 (rt_optimizer.yml)
+        assert (e.warmups, e.restart_decay, d.val_batch_size) == (2000, 0.9999, 64)
         assert cfg.schedule.warmup_iter == 2000 and not d.mosaic.use_cache and d.copyblend.prob == 0
         assert d.mixup.prob == 0.5 and d.mixup.epochs == [4, cfg.schedule.flat_epoch]
     elif name.startswith("deim_dfine"):
@@ -150,26 +197,14 @@ def test_family_recipe(name: str):
     else:
         change, (mosaic_size, mosaic_prob), min_size, mixup, copyblend, warmup, normalize = DEIMV2[name]
         assert (d.mosaic.output_size, d.mosaic.prob, d.sanitize_min_size) == (mosaic_size, mosaic_prob, min_size)
-        assert d.mosaic.use_cache and cfg.schedule.warmup_iter == warmup and d.normalize == normalize
+        assert d.mosaic.use_cache and cfg.schedule.warmup_iter == warmup
+        assert get_spec(name).normalize_input == normalize  # inside the model: the data stays in [0, 1]
         assert (d.mixup.prob > 0) == (mixup is not None) and (d.copyblend.prob > 0) == (copyblend is not None)
         if mixup is not None:
             assert d.mixup.epochs == mixup
         if copyblend is not None:
             assert (d.copyblend.prob, d.copyblend.epochs) == copyblend
         assert cfg.loss["matcher_change_epoch"] == change
-
-
-@pytest.mark.parametrize("name", sorted(n for n in FACTS if n in PRESETS))
-def test_data_values_agree_with_the_data_presets(name: str):
-    """The data package keeps its own per-scale presets (written separately from SPEC 2): both must agree."""
-    mine = resolve_config(_load(name).data)
-    preset = resolve_config(DataConfig(preset=name))
-    for key, value in PRESETS[name].items():
-        if isinstance(value, dict):
-            for sub in value:
-                assert getattr(getattr(mine, key), sub) == getattr(getattr(preset, key), sub), f"data.{key}.{sub}"
-        else:
-            assert getattr(mine, key) == getattr(preset, key), f"data.{key}"
 
 
 @pytest.mark.parametrize("name", sorted(FACTS))
@@ -182,7 +217,7 @@ def test_loss_overrides_build_the_criterion(name: str):
         assert sorted(crit.losses) == ["boxes", "mal"] and not crit.use_uni_set
     else:
         assert sorted(crit.losses) == ["boxes", "local", "mal"] and crit.use_uni_set
-    assert crit.weight_dict["loss_mal"] == 1.0 and crit.gamma == 1.5  # MAL everywhere (SPEC 2.1-2.3)
+    assert crit.weight_dict["loss_mal"] == 1.0 and crit.gamma == 1.5  # MAL everywhere (docs/OFFICIAL.md §2.1-2.3)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -223,7 +258,7 @@ def test_param_group_regexes(name: str, param_names):
         assert all(n.startswith("backbone.dinov3.") for n in backbone)  # STA / fusion convs keep the base LR
         assert any(n.startswith("backbone.sta.") for n in names if n not in backbone)
     if name in ("deim_dfine_s", "deim_dfine_m"):
-        assert not any(".bn." in n for n in backbone)  # their BN sits in the base-LR group (SPEC 2.1)
+        assert not any(".bn." in n for n in backbone)  # their BN sits in the base-LR group (docs/OFFICIAL.md §2.1)
 
 
 @pytest.mark.parametrize("name", SMALL)
@@ -244,7 +279,7 @@ def test_optimizer_groups_on_built_student(name: str):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The custom-dataset example follows the maintainers' rule of thumb (SPEC 1.6)
+# The custom-dataset example follows the maintainers' rule of thumb (docs/OFFICIAL.md §1.6)
 # --------------------------------------------------------------------------------------------------------------
 def test_custom_dataset_schedule_rule_of_thumb():
     cfg = load_config(str(EXPERIMENTS / "custom_dataset.yaml"))
@@ -261,8 +296,47 @@ def test_custom_dataset_schedule_rule_of_thumb():
 
 
 def test_includes_merge_recursively():
-    """A student file changes single keys of the base sections and keeps the rest (e.g. Mosaic's affine)."""
+    """A student file changes single keys of the base sections and keeps the rest (e.g. Mosaic's cache)."""
     merged = load_yaml(str(EXPERIMENTS / "students" / "deimv2_atto.yaml"))
-    assert merged["data"]["mosaic"]["output_size"] == 160 and merged["data"]["mosaic"]["rotation"] == 10.0
-    assert merged["data"]["mosaic"]["use_cache"] is True  # from base/deimv2.yaml over base/deim.yaml
-    assert merged["data"]["copyblend"]["area_threshold"] == 100.0 and merged["data"]["copyblend"]["prob"] == 0.0
+    assert merged["data"]["mosaic"]["output_size"] == 160 and merged["data"]["mosaic"]["use_cache"] is True
+    assert merged["data"]["copyblend"]["prob"] == 0.0  # Atto turns off what base/deimv2.yaml turns on
+    assert merged["mixed_precision"] == "fp16"  # from base/deim.yaml, two includes down
+    # what no file sets is the default: Mosaic's affine, Copy-Blend's area threshold
+    d = _load("deimv2_atto").data
+    assert d.mosaic.rotation == 10.0 and d.mosaic.scale == [0.5, 1.5] and d.copyblend.area_threshold == 100.0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Citations of the official facts
+# --------------------------------------------------------------------------------------------------------------
+_SKIP_TOP = {".venv", ".git", "runs", "data", "build", "dist", "node_modules"}  # outputs and environments
+_SKIP_ANY = {"__pycache__", ".ipynb_checkpoints"}
+# a citation of the old SPEC file (not in the repository): the word followed by ".md", a section sign, a number or ":"
+_OLD_CITATION = re.compile(r"\bSPEC(?:\.md\b|\s*§|\s+\d|:)")
+
+
+def _project_text_files() -> list[Path]:
+    files = []
+    for path in ROOT.rglob("*"):
+        parts = path.relative_to(ROOT).parts
+        if path.suffix in (".py", ".yaml", ".yml", ".md", ".ipynb") and path.is_file() and parts[0] not in _SKIP_TOP \
+                and not _SKIP_ANY.intersection(parts):
+            files.append(path)
+    return files
+
+
+def test_official_citations_resolve():
+    """Every `docs/OFFICIAL.md §x.y` (and every section of a range `§1.4-1.7`) names a section anchor of that file,
+    and nothing cites the SPEC file any more (it is not in the repository)."""
+    anchors = set(re.findall(r'<a id="s([0-9.]+)"></a>', OFFICIAL.read_text()))
+    missing, old = [], []
+    for path in _project_text_files():
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            where = f"{path.relative_to(ROOT)}:{number}"
+            if _OLD_CITATION.search(line):
+                old.append(where)
+            if "OFFICIAL.md" in line:
+                cited = re.findall(r"§\s*([0-9]+(?:\.[0-9]+)?)(?:\s*[-–]\s*([0-9]+(?:\.[0-9]+)?))?", line)
+                missing += [f"{where} §{n}" for pair in cited for n in pair if n and n not in anchors]
+    assert not old, f"citations of the SPEC file (cite docs/OFFICIAL.md §x.y instead): {old}"
+    assert not missing, f"sections missing from docs/OFFICIAL.md: {missing}"

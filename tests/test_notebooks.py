@@ -4,7 +4,7 @@ and non-constant content.
 
 Artefacts: random DEIM-D-FINE-N students saved as a plain run (best.pt) and a distillation run (best.pt + last.pt
 with the DSI projector), a tiny DINOv3 teacher, synthetic scenes, runs' metrics.jsonl / config.yaml and a grid's
-results.csv. The notebooks read their paths from VIZ_* environment variables, which the kernel inherits.
+output directory. The notebooks read their paths from VIZ_* environment variables, which the kernel inherits.
 """
 
 from __future__ import annotations
@@ -62,6 +62,22 @@ def _run(run_dir: Path, epochs: int, weight: float | None, gam: bool) -> None:
     (run_dir / "summary.json").write_text(json.dumps({"best_AP": 0.05 * (epochs - 1), "best_epoch": epochs - 1}))
 
 
+def _grid(out: Path) -> None:
+    """A finished grid (GAM off / on x two seeds) written by the grid runner: manifest.jsonl, grid.json, runs."""
+    from distill.grid import load_grid, run_grid
+
+    (out.parent / "base.yaml").write_text("seed: 0\n")
+    axes = [{"key": "distill.gam.enabled", "name": "gam", "values": [False, True]}]
+    spec = {"base": "base.yaml", "output_dir": out.name, "axes": axes, "seeds": [0, 1]}
+    (out.parent / "grid.yaml").write_text(yaml.safe_dump(spec))
+
+    def fake_training(config: str, overrides: list[str], output_dir: str) -> None:
+        gam = "distill.gam.enabled=true" in overrides
+        _run(Path(output_dir), 4 + overrides.count("seed=1"), 5.0 if gam else None, gam)
+
+    run_grid(load_grid(out.parent / "grid.yaml"), runner=fake_training)
+
+
 @pytest.fixture(scope="module")
 def artefacts(tmp_path_factory):
     import transformers as T
@@ -79,11 +95,7 @@ def artefacts(tmp_path_factory):
     _checkpoints(root / "distilled", teacher, True, seed=2)
     _run(root / "runs" / "baseline", 4, None, False)
     _run(root / "runs" / "gam", 4, 5.0, True)
-    (root / "grid").mkdir()
-    (root / "grid" / "results.csv").write_text(
-        "run,status,distill.gam.enabled,seed,best_AP,best_epoch,AP50,final_distill_weight,mean_aifi_grad_ratio\n"
-        "a,done,false,0,0.20,3,0.3,5.0,0.07\na,done,false,1,0.22,3,0.3,5.0,0.08\n"
-        "b,done,true,0,0.25,3,0.4,11.0,0.11\nb,done,true,1,0.24,2,0.4,12.0,0.105\n")
+    _grid(root / "grid")
     return {
         "VIZ_PLAIN": str(root / "plain"),
         "VIZ_DISTILLED": str(root / "distilled"),

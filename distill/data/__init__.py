@@ -1,18 +1,19 @@
-"""Data pipeline: COCO-format datasets, DEIM/DEIMv2 augmentation with its epoch scheduler, evaluation.
+"""Data pipeline: COCO- and YOLO-format datasets, DEIM/DEIMv2 augmentation with its epoch scheduler (evaluation
+is :mod:`distill.evaluator`).
 
 API for the engine
     DataConfig, config_from_dict(d) -> DataConfig        (config.py; every knob is a typed field)
-    resolve_config(cfg) -> DataConfig                      preset + synth paths filled in, validated
-    build_dataset(cfg, split) -> CocoDetection             split: 'train' | 'val'
+    resolve_config(cfg) -> DataConfig                      root / synth paths filled in, format detected, validated
+    build_dataset(cfg, split) -> CocoDetection             split: 'train' | 'val'; a YoloDetection (a CocoDetection
+                                                           on the split's in-memory COCO dict) for a YOLO root
     build_dataloader(cfg, split, epoch=0) -> DetDataLoader
-        yields (images, targets): images B x 3 x H x W float32 (in [0, 1], or ImageNet-normalised when
-        cfg.normalize); H = W = cfg.img_size, or a multi-scale size in training; targets: list of B dicts
+        yields (images, targets): images B x 3 x H x W float32 in [0, 1] (the student normalises its own
+        input); H = W = cfg.img_size, or a multi-scale size in training; targets: list of B dicts
         {'boxes' N x 4 normalised cxcywh float32, 'labels' int64 [N] (contiguous 0..K-1), 'area' float32 [N],
          'image_id' int64 scalar, 'orig_size' int64 [2] = (w, h) of the original image}
     loader.set_epoch(epoch)                                call before iterating each epoch: reaches dataset,
                                                            transforms, collate and every worker (shared memory),
                                                            and the DistributedSampler
-    build_evaluator(dataset) -> CocoEvaluator              (distill/evaluator.py)
     infer_num_classes(cfg) -> int
     make_loader(dataset, collate_fn, shared_epoch, ...) -> DetDataLoader   the wiring, for custom datasets
 
@@ -27,17 +28,19 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ..evaluator import CocoEvaluator, build_evaluator
+from ..errors import UserError
 from .coco import CocoDetection, load_coco
-from .collate import Collator
-from .config import PRESETS, SPLITS, DataConfig, config_from_dict, resolve_config
+from .collate import Collator, to_device
+from .config import SPLITS, DataConfig, config_from_dict, resolve_config
 from .epoch import SharedEpoch
+from .layout import YoloLayout, read_yolo_layout
 from .transforms import TrainTransform, ValTransform
+from .yolo import YoloDetection
 
 __all__ = [
-    "PRESETS", "CocoDetection", "CocoEvaluator", "Collator", "DataConfig", "DetDataLoader", "SharedEpoch",
-    "TrainTransform", "ValTransform", "build_dataloader", "build_dataset", "build_evaluator", "config_from_dict",
-    "infer_num_classes", "make_loader", "resolve_config",
+    "CocoDetection", "Collator", "DataConfig", "DetDataLoader", "SharedEpoch",
+    "TrainTransform", "ValTransform", "YoloDetection", "build_dataloader", "build_dataset", "config_from_dict",
+    "infer_num_classes", "make_loader", "resolve_config", "to_device",
 ]
 
 
@@ -50,15 +53,34 @@ def _paths(cfg: DataConfig, split: str) -> tuple[str, str]:
         raise ValueError(f"split={split!r}; valid: {SPLITS}")
     images, ann = getattr(cfg, f"{split}_images"), getattr(cfg, f"{split}_ann")
     if not images or not ann:
-        raise ValueError(f"data: no {split} dataset: set data.synth or data.{split}_images and data.{split}_ann")
+        raise UserError(f"data: no {split} dataset: set data.root, data.synth or data.{split}_images and "
+                        f"data.{split}_ann")
     return images, ann
 
 
+def _yolo_split(cfg: DataConfig, split: str) -> tuple[YoloLayout, list[str], str]:
+    """(layout, image sources, where they were named) of a YOLO split; ``data.{split}_images`` wins."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}; valid: {SPLITS}")
+    layout = read_yolo_layout(cfg.root)
+    explicit = getattr(cfg, f"{split}_images")
+    if explicit:
+        return layout, [explicit], f"data.{split}_images"
+    if split not in layout.splits:
+        where = layout.names_file if layout.names_file.endswith((".yaml", ".yml")) else layout.root
+        raise UserError(f"{where}: no {split} split (a '{split}:' key, or images/{split}/ beside it); "
+                        f"or set data.{split}_images")
+    return layout, layout.splits[split], layout.keys[split]
+
+
 def infer_num_classes(cfg: DataConfig | dict[str, Any]) -> int:
-    """``cfg.num_classes`` if set, else derived from the training annotation file's categories."""
+    """``cfg.num_classes`` if set, else derived from the training annotation file's categories (COCO) or the
+    ``names`` of data.yaml (YOLO)."""
     cfg = _as_config(cfg)
     if cfg.num_classes > 0:
         return cfg.num_classes
+    if cfg.format == "yolo":
+        return len(read_yolo_layout(cfg.root).names)
     cats = sorted(load_coco(_paths(cfg, "train")[1]).cats)
     return len(cats) if cfg.remap_mscoco_category else (max(cats) + 1 if cats else 0)
 
@@ -66,12 +88,19 @@ def infer_num_classes(cfg: DataConfig | dict[str, Any]) -> int:
 def build_dataset(cfg: DataConfig | dict[str, Any], split: str, epoch: SharedEpoch | None = None) -> CocoDetection:
     """The dataset of ``split`` with its transforms (TrainTransform for 'train', ValTransform for 'val')."""
     cfg = _as_config(cfg)
-    images, ann = _paths(cfg, split)
     tf = TrainTransform(cfg) if split == "train" else ValTransform(cfg)
-    ds = CocoDetection(images, ann, tf, remap_category=cfg.remap_mscoco_category, strict=cfg.strict,
-                       max_samples=cfg.max_samples, epoch=epoch, seed=cfg.seed if split == "train" else None)
+    seed = cfg.seed if split == "train" else None
+    if cfg.format == "yolo":
+        layout, sources, where = _yolo_split(cfg, split)
+        ds: CocoDetection = YoloDetection(sources, layout.names, tf, strict=cfg.strict, max_samples=cfg.max_samples,
+                                          epoch=epoch, seed=seed, where=where)
+        source = layout.names_file
+    else:
+        images, source = _paths(cfg, split)
+        ds = CocoDetection(images, source, tf, remap_category=cfg.remap_mscoco_category, strict=cfg.strict,
+                           max_samples=cfg.max_samples, epoch=epoch, seed=seed)
     if cfg.num_classes > 0 and ds.num_classes > cfg.num_classes:
-        raise ValueError(f"data.num_classes={cfg.num_classes} but {ann} has {ds.num_classes} classes")
+        raise UserError(f"data.num_classes={cfg.num_classes} but {source} has {ds.num_classes} classes")
     return ds
 
 
@@ -105,10 +134,13 @@ def make_loader(dataset: Any, collate_fn: Any, shared_epoch: SharedEpoch, batch_
         sampler = DistributedSampler(dataset, shuffle=train, seed=seed, **world)
     else:
         sampler = torch.utils.data.SequentialSampler(dataset)
+    # The loader's own generator: creating an iterator draws the workers' base seed, and from the global RNG that
+    # draw would shift the training stream differently in a fresh and a resumed run (persistent workers draw once).
     return DetDataLoader(
         dataset, shared_epoch, batch_size=batch_size, sampler=sampler,
         num_workers=num_workers, collate_fn=collate_fn, drop_last=drop_last and train,
         persistent_workers=persistent_workers and num_workers > 0, pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(seed),
     )
 
 

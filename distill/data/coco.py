@@ -32,6 +32,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from ..errors import MissingPathError, UnreadableFileError, UserError
 from .epoch import SharedEpoch
 from .seeding import mix, seeded
 
@@ -69,14 +70,21 @@ def annotation_problem(ann: dict[str, Any], img: dict[str, Any] | None,
 
 
 def load_coco(ann_file: str) -> COCO:
-    """pycocotools COCO from a file, without its prints; malformed JSON raises ValueError naming the file."""
+    """pycocotools COCO from a file, without its prints; a missing or malformed file raises a UserError naming it."""
+    if not os.path.isfile(ann_file):
+        raise MissingPathError(f"annotation file not found: {ann_file}")
     try:
         with open(ann_file) as f:
             data = json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{ann_file}: malformed JSON: {e}") from e
+        raise UserError(f"{ann_file}: malformed JSON: {e}") from e
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        raise ValueError(f"{ann_file}: not a COCO detection file (needs 'images' and 'annotations')")
+        raise UserError(f"{ann_file}: not a COCO detection file (needs 'images' and 'annotations')")
+    return coco_from_dict(data)
+
+
+def coco_from_dict(data: dict[str, Any]) -> COCO:
+    """pycocotools COCO on an in-memory dict (a YOLO split's ground truth), without its prints."""
     data.setdefault("categories", [])
     coco = COCO()
     coco.dataset = data
@@ -86,18 +94,23 @@ def load_coco(ann_file: str) -> COCO:
 
 
 class CocoDetection(Dataset):
-    """A COCO-format detection dataset (see the module docstring for the sample format)."""
+    """A COCO-format detection dataset (see the module docstring for the sample format). ``ann_file`` is a
+    COCO JSON file or the COCO dict itself (in memory: ``source`` then names the data in messages)."""
 
-    def __init__(self, images_dir: str, ann_file: str, transforms: Any = None, remap_category: bool = True,
-                 strict: bool = False, max_samples: int = 0, epoch: SharedEpoch | None = None,
-                 seed: int | None = None) -> None:
-        if not os.path.isfile(ann_file):
-            raise FileNotFoundError(f"annotation file not found: {ann_file}")
+    def __init__(self, images_dir: str, ann_file: str | dict[str, Any], transforms: Any = None,
+                 remap_category: bool = True, strict: bool = False, max_samples: int = 0,
+                 epoch: SharedEpoch | None = None, seed: int | None = None, source: str = "") -> None:
+        if isinstance(ann_file, dict):
+            self.coco = coco_from_dict(ann_file)
+            ann_file = source or "<in-memory COCO>"
+        elif not os.path.isfile(ann_file):
+            raise MissingPathError(f"annotation file not found: {ann_file}")
+        else:
+            self.coco = load_coco(ann_file)
         if not os.path.isdir(images_dir):
-            raise FileNotFoundError(f"image directory not found: {images_dir}")
+            raise MissingPathError(f"image directory not found: {images_dir}")
         self.images_dir, self.ann_file = images_dir, ann_file
         self.transforms, self.strict = transforms, strict
-        self.coco = load_coco(ann_file)
         self.ids = sorted(self.coco.imgs)
         if max_samples > 0:
             self.ids = self.ids[:max_samples]
@@ -108,7 +121,7 @@ class CocoDetection(Dataset):
         else:
             bad = [c for c in cat_ids if not (isinstance(c, int) and c >= 0)]
             if bad:
-                raise ValueError(f"{ann_file}: remap_mscoco_category=False needs ids >= 0; got {bad}")
+                raise UserError(f"{ann_file}: remap_mscoco_category=False needs ids >= 0; got {bad}")
             self.category_to_label = {c: c for c in cat_ids}
         self.label_to_category = {v: k for k, v in self.category_to_label.items()}
         self.num_classes = (max(self.label_to_category) + 1) if cat_ids else 0
@@ -137,7 +150,7 @@ class CocoDetection(Dataset):
                 kind, text = problem
                 msg = f"{self.ann_file}: image {image_id} ({img.get('file_name')}), annotation {ann.get('id')}: {text}"
                 if self.strict:
-                    raise ValueError(msg + " (data.strict is on)")
+                    raise UserError(msg + " (data.strict is on)")
                 if kind != "box_partly_outside":  # clipped below, kept
                     log.warning(msg)
                     self.dropped[kind] += 1
@@ -173,7 +186,7 @@ class CocoDetection(Dataset):
         except (OSError, ValueError, SyntaxError) as e:
             msg = f"unreadable image {path} (image id {self.ids[idx]}): {e}"
             if self.strict:
-                raise OSError(msg + " (data.strict is on)") from e
+                raise UnreadableFileError(msg + " (data.strict is on)") from e
             self._unreadable[idx] = True
             log.warning("%s; skipped", msg)
             return None
@@ -185,7 +198,7 @@ class CocoDetection(Dataset):
             image = self._read(j)
             if image is not None:
                 return image, self._target(j, image)
-        raise RuntimeError(f"{self.images_dir}: no readable image in the dataset")
+        raise UserError(f"{self.images_dir}: no readable image in the dataset")
 
     def _target(self, idx: int, image: Image.Image) -> dict[str, Any]:
         anns = self._anns[self.ids[idx]]
@@ -214,5 +227,5 @@ class CocoDetection(Dataset):
         return image, target
 
     def __repr__(self) -> str:
-        return (f"CocoDetection({self.ann_file!r}, images={len(self)}, classes={self.num_classes}, "
+        return (f"{type(self).__name__}({self.ann_file!r}, images={len(self)}, classes={self.num_classes}, "
                 f"dropped_annotations={sum(self.dropped.values())})")

@@ -1,4 +1,4 @@
-"""Batch collation with the batch-level Dense O2O ops and multi-scale training (SPEC §1.7, §3.6).
+"""Batch collation with the batch-level Dense O2O ops and multi-scale training (docs/OFFICIAL.md §1.7, §3.6).
 
 ``Collator(cfg, epoch)(items) -> (images B x 3 x H x W, targets)`` where targets are the per-sample dicts
 (boxes N x 4 normalised cxcywh). At the collator's epoch, in this order:
@@ -152,3 +152,12 @@ class Collator:
             size = random.choice(self.scales)
             images = F.interpolate(images, size=size)  # nearest, as the official collate
         return images, targets
+
+
+def to_device(images: torch.Tensor, targets: list[dict], device: torch.device) -> tuple[torch.Tensor, list[dict]]:
+    """A batch (images B x 3 x H x W, targets as the collate functions make them) moved to ``device``; non-blocking,
+    which overlaps the copy with compute when the loader pins its memory."""
+    images = images.to(device, non_blocking=True)
+    targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
+               for t in targets]  # fmt: skip
+    return images, targets

@@ -1,13 +1,11 @@
 """Data configuration: every knob of the data pipeline as a typed dataclass field with a default.
 
-The engine validates the ``data:`` section of a training YAML strictly against these fields, so anything
-the pipeline reads lives here. Nested sections (``mosaic``, ``mixup``, ``copyblend``) are dataclasses too.
+The ``data:`` block of a training YAML is built strictly into these classes by the one config builder
+(:func:`distill.yamlconf.build`); semantic checks are the ``validate`` methods. The defaults are the generic
+values of the DEIM data recipe (official ``base/dataloader.yml`` and ``base/deim.yml``); the per-scale
+recipes are the files under ``experiments/students/``, the one place that holds them.
 
-Per-scale presets (SPEC §2) live in :data:`PRESETS`; ``preset: deimv2_s`` in a config fills in the
-preset's values for every field the config leaves at its default (:func:`resolve_config`). A field set
-explicitly to the dataclass default is indistinguishable from an unset one, so the preset wins there.
-
-Epoch semantics (SPEC §1.7), with ``policy_epochs = [e0, e1, e2]``:
+Epoch semantics (docs/OFFICIAL.md §1.7), with ``policy_epochs = [e0, e1, e2]``:
     epoch < e0        no policy ops (Mosaic, photometric, zoom-out, IoU crop): the "DataAug warm-up"
     e0 <= epoch < e1  Mosaic with ``mosaic.prob`` per sample (a Mosaic sample skips zoom-out / IoU crop),
                       photometric / zoom-out / IoU crop otherwise
@@ -15,21 +13,44 @@ Epoch semantics (SPEC §1.7), with ``policy_epochs = [e0, e1, e2]``:
     epoch >= e2       no policy ops (the "no-aug" stage)
 Flip, Resize and Sanitize run in every stage. MixUp / Copy-Blend run in their own ``[start, end)`` windows,
 multi-scale batches while ``epoch < stop_epoch``.
+
+The pipeline's images are always in [0, 1]: the student normalises its own input (DEIMv2 ViT students apply
+the ImageNet mean / std as their first operation) and the teachers apply their own statistics to that batch.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from ..yamlconf import ConfigError, Retired, build, merge, read_config, validate_tree
 
 SPLITS = ("train", "val")
+# the per-scale recipes, for `preset=` (a source checkout; an installed package has no experiments/)
+RECIPES = Path(__file__).resolve().parents[2] / "experiments" / "students"
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _probability(where: str, name: str, value: float) -> None:
+    _need(0.0 <= value <= 1.0, f"{where}.{name}={value} must be in [0, 1]")
+
+
+def _pair(where: str, name: str, value: Sequence[float], ordered: bool = True) -> None:
+    _need(len(value) == 2 and (not ordered or value[0] <= value[1]),
+          f"{where}.{name}={list(value)} must be a [lo, hi] pair with lo <= hi")
 
 
 @dataclass
 class MosaicConfig:
-    """Mosaic of 4 images (SPEC §3.6); ``prob`` is drawn per sample inside the Mosaic window."""
+    """Mosaic of 4 images (docs/OFFICIAL.md §3.6); ``prob`` is drawn per sample inside the Mosaic window."""
 
     prob: float = 0.5
     output_size: int = 320  # short side of each of the 4 tiles
@@ -39,35 +60,70 @@ class MosaicConfig:
     use_cache: bool = False  # draw the 3 partner tiles from a per-worker cache of recent samples (DEIMv2)
     cache_size: int = 50
 
+    def validate(self, where: str = "data.mosaic") -> None:
+        _probability(where, "prob", self.prob)
+        _need(self.output_size >= 8, f"{where}.output_size={self.output_size} must be >= 8")
+        _pair(where, "scale", self.scale)
+        _need(self.cache_size >= 1, f"{where}.cache_size={self.cache_size} must be >= 1")
+
 
 @dataclass
 class MixUpConfig:
     """Batch-level MixUp: image_i = b * img_i + (1 - b) * img_{i-1}, b ~ U[0.45, 0.55]; targets concatenated."""
 
-    prob: float = 0.0
+    prob: float = 0.0  # off unless a recipe turns it on (every DEIM recipe does: base/deim.yaml)
     epochs: list[int] = field(default_factory=lambda: [4, 29])  # [start, end)
+
+    def validate(self, where: str = "data.mixup") -> None:
+        _probability(where, "prob", self.prob)
+        _pair(where, "epochs", self.epochs)
 
 
 @dataclass
 class CopyBlendConfig:
     """DEIMv2 Copy-Blend: paste objects of the batch pool into each image (never in a MixUp batch)."""
 
-    prob: float = 0.0
+    prob: float = 0.0  # off unless a recipe turns it on (DEIMv2: base/deimv2.yaml)
     epochs: list[int] = field(default_factory=lambda: [4, 50])  # [start, end)
     area_threshold: float = 100.0  # minimum annotation area (pixels) for an object to enter the pool
     num_objects: int = 3  # objects pasted per image (at most the pool size)
     random_num_objects: bool = False  # draw the count from [1, num_objects] instead
     with_expand: bool = True  # copy a context margin around each object
     expand_ratios: list[float] = field(default_factory=lambda: [0.1, 0.25])  # margin alpha ~ U[lo, hi]
-    mode: str = "blend"  # 'blend' (beta-weighted) or 'copy' (hard paste)
+    mode: Literal["blend", "copy"] = "blend"  # 'blend' (beta-weighted) or 'copy' (hard paste)
+
+    def validate(self, where: str = "data.copyblend") -> None:
+        _probability(where, "prob", self.prob)
+        _pair(where, "epochs", self.epochs)
+        _pair(where, "expand_ratios", self.expand_ratios)
+        _need(self.num_objects >= 1, f"{where}.num_objects={self.num_objects} must be >= 1")
+        # a CopyBlendConfig built in code skips the builder's check of the choice
+        _need(self.mode in ("blend", "copy"), f"{where}.mode={self.mode!r}; valid: 'blend', 'copy'")
 
 
 @dataclass
 class DataConfig:
-    """The whole data pipeline. Paths: either ``synth`` (a directory laid out like ``distill data synth``
-    writes) or explicit ``train_images``/``train_ann``/``val_images``/``val_ann`` (explicit paths win)."""
+    """The whole data pipeline. Paths: ``root`` (a COCO or YOLO dataset directory, the format detected from its
+    files or given by ``format``; see :mod:`distill.data.layout`), ``synth`` (a directory laid out like
+    ``distill data synth`` writes, generated on first use by training), or explicit
+    ``train_images``/``train_ann``/``val_images``/``val_ann`` (explicit paths win over both; for a YOLO root,
+    ``{split}_images`` is an image directory or list file, and the labels sit beside the images)."""
 
-    preset: str = ""  # a key of PRESETS ('' = none)
+    RETIRED: ClassVar[dict[str, Retired]] = {
+        "normalize": Retired(
+            "the student owns its input normalisation: DEIMv2 ViT students apply the ImageNet mean/std inside the "
+            "model and teachers need the [0, 1] batch, so the data pipeline never normalises; delete the key",
+            harmless=(False,),
+        ),
+        "preset": Retired(
+            "per-scale recipes are the files experiments/students/<scale>.yaml; include one (or pass it as the "
+            "config) instead",
+            harmless=("",),
+        ),
+    }
+
+    root: str = ""  # a dataset directory (COCO or YOLO layout) or a YOLO data.yaml
+    format: Literal["auto", "coco", "yolo"] = "auto"  # of ``root``; auto: detected from its files
     synth: str = ""
     train_images: str = ""
     train_ann: str = ""
@@ -76,20 +132,19 @@ class DataConfig:
     num_classes: int = 0  # 0 = derived from the training annotation file
     remap_mscoco_category: bool = True  # map category ids to contiguous 0..K-1 (sorted id order)
     img_size: int = 640  # square training / validation input size
-    batch_size: int = 32  # per process
+    batch_size: int = 32  # per process (the official recipes give the total: divide by the number of GPUs)
     val_batch_size: int = 64  # per process
     num_workers: int = 2
     persistent_workers: bool = True
     pin_memory: bool = False
     drop_last: bool = True
     strict: bool = False  # a bad annotation or unreadable image is fatal instead of dropped / skipped
-    normalize: bool = False  # ImageNet mean/std (DEIMv2 ViT students only)
     max_samples: int = 0  # use only the first N images of each split (0 = all); for smoke runs
     seed: int = 0
     # DataAug scheduler
     policy_epochs: list[int] = field(default_factory=lambda: [4, 29, 50])
     photometric_prob: float = 0.5
-    zoom_out_prob: float = 0.5  # torchvision's RandomZoomOut default
+    zoom_out_prob: float = 0.5  # RandomZoomOut(fill=0) with torchvision's default p and side range
     zoom_out_side_range: list[float] = field(default_factory=lambda: [1.0, 4.0])
     iou_crop_prob: float = 0.8
     flip_prob: float = 0.5
@@ -97,150 +152,115 @@ class DataConfig:
     mosaic: MosaicConfig = field(default_factory=MosaicConfig)
     mixup: MixUpConfig = field(default_factory=MixUpConfig)
     copyblend: CopyBlendConfig = field(default_factory=CopyBlendConfig)
-    # multi-scale batches (collate): None disables it
+    # multi-scale batches (collate): None disables them; n weights the base size n times among the other sizes
     base_size_repeat: int | None = None
-    stop_epoch: int = 50
+    stop_epoch: int = 50  # multi-scale off, EMA restart (reload of the best stage-1 weights) from this epoch on
 
-
-# Per-scale presets, SPEC §2.1 (DEIM-D-FINE), §2.3 (DEIMv2), §2.4 (RT-DETRv4 = DEIM-D-FINE data recipe).
-# Only data-pipeline values; the schedule numbers are those of the official configs.
-def _preset(img, policy, stop, repeat, mosaic_size=320, mosaic_prob=0.5, min_size=1.0, mixup=None,
-            copyblend=None, cb_prob=0.5, normalize=False, cache=False) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "img_size": img,
-        "policy_epochs": policy,
-        "stop_epoch": stop,
-        "base_size_repeat": repeat,
-        "sanitize_min_size": min_size,
-        "normalize": normalize,
-        "mosaic": {"output_size": mosaic_size, "prob": mosaic_prob, "use_cache": cache},
-        "mixup": {"prob": 0.5 if mixup else 0.0, "epochs": mixup or [0, 0]},
-        "copyblend": {"prob": cb_prob if copyblend else 0.0, "epochs": copyblend or [0, 0]},
-    }
-    return out
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # DEIM on D-FINE (HGNetv2); RT-DETRv4 S/M/L/X use the same data recipe
-    "deim_dfine_n": _preset(640, [4, 78, 148], 148, None, mixup=[4, 78]),
-    "deim_dfine_s": _preset(640, [4, 64, 120], 120, 20, mixup=[4, 64]),
-    "deim_dfine_m": _preset(640, [4, 49, 90], 90, 6, mixup=[4, 49]),
-    "deim_dfine_l": _preset(640, [4, 29, 50], 50, 4, mixup=[4, 29]),
-    "deim_dfine_x": _preset(640, [4, 29, 50], 50, 3, mixup=[4, 29]),
-    "rtdetrv4_s": _preset(640, [4, 64, 120], 120, 20, mixup=[4, 64]),
-    "rtdetrv4_m": _preset(640, [4, 49, 90], 90, 6, mixup=[4, 49]),
-    "rtdetrv4_l": _preset(640, [4, 29, 50], 50, 4, mixup=[4, 29]),
-    "rtdetrv4_x": _preset(640, [4, 29, 50], 50, 3, mixup=[4, 29]),
-    # DEIMv2 (Mosaic cache on; Atto/Femto/Pico: no MixUp, no Copy-Blend)
-    "deimv2_atto": _preset(320, [4, 250, 400], 468, None, 160, 0.3, 12.0, cache=True),
-    "deimv2_femto": _preset(416, [4, 250, 400], 468, None, 208, 0.5, 10.0, cache=True),
-    "deimv2_pico": _preset(640, [4, 250, 400], 468, None, 320, 0.5, 8.0, cache=True),
-    "deimv2_n": _preset(640, [4, 78, 148], 148, None, mixup=[4, 78], copyblend=[4, 78], cb_prob=0.4, cache=True),
-    "deimv2_s": _preset(640, [4, 64, 120], 120, 20, mixup=[4, 64], copyblend=[4, 120], normalize=True, cache=True),
-    "deimv2_m": _preset(640, [4, 49, 90], 90, 6, mixup=[4, 49], copyblend=[4, 90], normalize=True, cache=True),
-    "deimv2_l": _preset(640, [4, 34, 60], 60, 3, mixup=[4, 34], copyblend=[4, 60], normalize=True, cache=True),
-    "deimv2_x": _preset(640, [4, 29, 50], 50, 3, mixup=[4, 29], copyblend=[4, 50], normalize=True, cache=True),
-}
-
-
-def _merge_defaults(obj: Any, values: dict[str, Any], default: Any) -> None:
-    """Write ``values`` into the dataclass ``obj`` wherever ``obj`` still holds its default."""
-    for key, value in values.items():
-        current, base = getattr(obj, key), getattr(default, key)
-        if dataclasses.is_dataclass(current):
-            _merge_defaults(current, value, base)
-        elif current == base:
-            setattr(obj, key, value)
+    def validate(self, where: str = "data") -> None:
+        """Checks of this block's own fields (the builder validates the nested blocks as it builds them)."""
+        _need(not (self.root and self.synth),
+              f"{where}.root={self.root!r} and {where}.synth={self.synth!r} both name the dataset; keep one")
+        # a DataConfig built in code skips the builder's check of the choice
+        _need(self.format in ("auto", "coco", "yolo"), f"{where}.format={self.format!r}; valid: auto, coco, yolo")
+        if self.format == "yolo":
+            _need(not self.synth, f"{where}.synth is a COCO dataset; {where}.format=yolo needs {where}.root")
+            _need(bool(self.root), f"{where}.format=yolo needs {where}.root (a directory with data.yaml or labels/, "
+                                   "or the data.yaml itself)")
+            for split in SPLITS:
+                _need(not getattr(self, f"{split}_ann"),
+                      f"{where}.{split}_ann: a YOLO dataset's labels sit beside its images (images/ -> labels/); "
+                      f"remove the key, or set {where}.{split}_images to choose the images")
+        _need(len(self.policy_epochs) == 3 and list(self.policy_epochs) == sorted(self.policy_epochs),
+              f"{where}.policy_epochs={self.policy_epochs} must be 3 non-decreasing epochs [e0, e1, e2]")
+        for name in ("photometric_prob", "zoom_out_prob", "iou_crop_prob", "flip_prob"):
+            _probability(where, name, getattr(self, name))
+        _pair(where, "zoom_out_side_range", self.zoom_out_side_range)
+        _need(self.img_size >= 32 and self.img_size % 32 == 0,
+              f"{where}.img_size={self.img_size} must be a multiple of 32")
+        _need(self.batch_size >= 1 and self.val_batch_size >= 1,
+              f"{where}: batch sizes must be >= 1, got {self.batch_size} and {self.val_batch_size}")
+        _need(self.num_workers >= 0, f"{where}.num_workers={self.num_workers} must be >= 0")
+        _need(self.num_classes >= 0 and self.max_samples >= 0,
+              f"{where}: num_classes and max_samples must be >= 0 (0 = from the data / all)")
+        _need(self.base_size_repeat is None or self.base_size_repeat >= 0,
+              f"{where}.base_size_repeat={self.base_size_repeat} must be null or >= 0")
 
 
 def config_from_dict(d: dict[str, Any] | None) -> DataConfig:
-    """Build a DataConfig from a plain dict (a YAML ``data:`` section); unknown keys are an error."""
-    return _build(DataConfig, d or {}, "data")
-
-
-def _build(cls: type, d: dict[str, Any], where: str) -> Any:
-    if not isinstance(d, dict):
-        raise TypeError(f"{where}: expected a mapping, got {type(d).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(fields))
-    if unknown:
-        raise KeyError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
-    kwargs = {}
-    for name, value in d.items():
-        default = getattr(cls(), name)
-        kwargs[name] = _build(type(default), value, f"{where}.{name}") if dataclasses.is_dataclass(default) else value
-    return cls(**kwargs)
+    """A DataConfig from a plain dict (a YAML ``data:`` section), strictly (see :func:`distill.yamlconf.build`)."""
+    return build(DataConfig, d or {}, "data")
 
 
 def resolve_config(cfg: DataConfig) -> DataConfig:
-    """Validate ``cfg`` and fill in its preset and its paths; returns a new DataConfig."""
-    cfg = dataclasses.replace(cfg, mosaic=dataclasses.replace(cfg.mosaic), mixup=dataclasses.replace(cfg.mixup),
-                              copyblend=dataclasses.replace(cfg.copyblend))
-    if cfg.preset:
-        if cfg.preset not in PRESETS:
-            raise ValueError(f"data.preset={cfg.preset!r} is not a preset; valid: {sorted(PRESETS)}")
-        _merge_defaults(cfg, PRESETS[cfg.preset], DataConfig())
+    """A validated copy of ``cfg`` with its paths filled in from ``synth`` where not given explicitly."""
+    cfg = copy.deepcopy(cfg)
+    # a DataConfig built in code has not been through the builder: check every block before the paths
+    validate_tree(cfg, "data")
+    if cfg.root:
+        _resolve_root(cfg)
     if cfg.synth:
         for split in SPLITS:
             if not getattr(cfg, f"{split}_images"):
                 setattr(cfg, f"{split}_images", os.path.join(cfg.synth, split))
             if not getattr(cfg, f"{split}_ann"):
                 setattr(cfg, f"{split}_ann", os.path.join(cfg.synth, "annotations", f"instances_{split}.json"))
-    _validate(cfg)
     return cfg
 
 
-def _validate(cfg: DataConfig) -> None:
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ValueError(f"data: {msg}")
+def _resolve_root(cfg: DataConfig) -> None:
+    """``cfg.format`` detected (when 'auto') and, for COCO, the split paths filled in from ``cfg.root``; a YOLO
+    root's data.yaml is read once here so that a broken one fails when the config resolves."""
+    from ..errors import UserError
+    from .layout import coco_splits, detect_format, read_yolo_layout
 
-    need(len(cfg.policy_epochs) == 3 and list(cfg.policy_epochs) == sorted(cfg.policy_epochs),
-         f"policy_epochs={cfg.policy_epochs} must be 3 non-decreasing epochs [e0, e1, e2]")
-    for name in ("mixup", "copyblend"):
-        ep = getattr(cfg, name).epochs
-        need(len(ep) == 2 and ep[0] <= ep[1], f"{name}.epochs={ep} must be [start, end) with start <= end")
-    for name in ("photometric_prob", "zoom_out_prob", "iou_crop_prob", "flip_prob"):
-        need(0.0 <= getattr(cfg, name) <= 1.0, f"{name}={getattr(cfg, name)} must be in [0, 1]")
-    for name in ("mosaic", "mixup", "copyblend"):
-        p = getattr(cfg, name).prob
-        need(0.0 <= p <= 1.0, f"{name}.prob={p} must be in [0, 1]")
-    need(cfg.copyblend.mode in ("blend", "copy"), f"copyblend.mode={cfg.copyblend.mode!r}; valid: 'blend', 'copy'")
-    need(cfg.img_size >= 32 and cfg.img_size % 32 == 0, f"img_size={cfg.img_size} must be a multiple of 32")
-    need(cfg.batch_size >= 1 and cfg.val_batch_size >= 1, "batch sizes must be >= 1")
-    need(cfg.num_workers >= 0, f"num_workers={cfg.num_workers} must be >= 0")
-    need(cfg.base_size_repeat is None or cfg.base_size_repeat >= 0,
-         f"base_size_repeat={cfg.base_size_repeat} must be None or >= 0")
-    need(cfg.mosaic.output_size >= 8, f"mosaic.output_size={cfg.mosaic.output_size} must be >= 8")
-    need(len(cfg.mosaic.scale) == 2 and len(cfg.copyblend.expand_ratios) == 2 and len(cfg.zoom_out_side_range) == 2,
-         "mosaic.scale, copyblend.expand_ratios and zoom_out_side_range are [lo, hi] pairs")
-
-
-def _read_yaml(path: str) -> dict[str, Any]:
-    """A YAML mapping; through the engine's loader when it is there, so that ``include:`` stacks resolve."""
     try:
-        from distill.config import load_yaml
-    except ImportError:  # the data package also works on its own
-        load_yaml = None
-    if load_yaml is not None:
-        return load_yaml(path)
-    import yaml
+        fmt = cfg.format if cfg.format != "auto" else detect_format(cfg.root)
+        if fmt == "yolo":
+            read_yolo_layout(cfg.root)
+    except UserError as err:
+        raise type(err)(f"data.root: {err}") from err
+    cfg.format = fmt
+    if fmt == "yolo":
+        cfg.validate("data")  # the YOLO-only rules, for a format that was detected rather than given
+        return
+    if not os.path.isdir(cfg.root):
+        raise ConfigError(f"data.root={cfg.root!r}: a COCO dataset root is a directory (annotations/ + images)")
+    found = coco_splits(cfg.root)
+    if not found and not any(getattr(cfg, f"{s}_ann") for s in SPLITS):
+        raise ConfigError(f"data.root: {cfg.root}: no annotations/instances_{{train,val}}.json (COCO)")
+    for split, (images, ann) in found.items():
+        if not getattr(cfg, f"{split}_images"):
+            setattr(cfg, f"{split}_images", images)
+        if not getattr(cfg, f"{split}_ann"):
+            setattr(cfg, f"{split}_ann", ann)
 
-    with open(path) as f:
-        doc = yaml.safe_load(f) or {}
-    if not isinstance(doc, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
-    return doc
+
+def recipe_file(name: str) -> str:
+    """The per-scale recipe of a student (``experiments/students/<name>.yaml`` of a source checkout)."""
+    path = RECIPES / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in RECIPES.glob("*.yaml")) if RECIPES.is_dir() else []
+        where = f"valid: {known}" if known else f"{RECIPES} is missing (not a source checkout?): pass the recipe file"
+        raise ConfigError(f"no recipe named {name!r} in {RECIPES}; {where}")
+    return str(path)
 
 
-def load_data_config(config: str | None = None, data_dir: str | None = None, **overrides: Any) -> DataConfig:
-    """DataConfig from a YAML file (its ``data:`` section, or the whole file when it has none) and/or a
-    dataset directory (``--data DIR`` sets ``synth``); ``overrides`` (non-None values) win. Resolved."""
+def load_data_config(config: str | None = None, data_dir: str | None = None, preset: str | None = None,
+                     **overrides: Any) -> DataConfig:
+    """DataConfig from a YAML file (its ``data:`` section, or the whole file when it has none; includes resolved)
+    and/or a dataset directory (``--data DIR``: ``root`` when it exists, else ``synth``); ``preset`` names a
+    student whose recipe file comes first (the config's values win over it); ``overrides`` (non-None values) win
+    over all. Resolved."""
     d: dict[str, Any] = {}
+    if preset:
+        d = read_config(recipe_file(preset)).get("data", {})
     if config:
-        doc = _read_yaml(config)
-        d = dict(doc.get("data", doc))
+        doc = read_config(config)
+        d = merge(d, doc.get("data", doc))
     if data_dir:
-        d.update(synth=data_dir, train_images="", train_ann="", val_images="", val_ann="")
+        # an existing directory is read in whichever layout it has (COCO or YOLO); one not there yet names
+        # where the synthetic set goes
+        where = {"root": data_dir, "synth": ""} if os.path.exists(data_dir) else {"synth": data_dir, "root": ""}
+        d.update(where, format="auto", train_images="", train_ann="", val_images="", val_ann="")
     d.update({k: v for k, v in overrides.items() if v is not None})
     return resolve_config(config_from_dict(d))

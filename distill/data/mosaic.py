@@ -1,4 +1,4 @@
-"""Mosaic: four images on one canvas, then a random affine warp (Dense O2O, SPEC §3.6).
+"""Mosaic: four images on one canvas, then a random affine warp (Dense O2O, docs/OFFICIAL.md §3.6).
 
 Each of the 4 tiles (the current sample and 3 partners) is resized so that its *short* side is
 ``output_size``; the tiles go to the four quadrants of a (2 max_w) x (2 max_h) canvas filled with 0, tile k at

@@ -1,7 +1,4 @@
-"""``distill data show``: a picture of a batch of augmented training samples at one epoch's stage.
-
-    distill data show CONFIG.yml --epoch 10 --out grid.png     # the config's ``data:`` section
-    distill data show --data DIR --epoch 10 --out grid.png     # a synth / COCO-layout directory
+"""A picture of a batch of augmented training samples at one epoch's stage (``distill data show``).
 
 The batch goes through the full training pipeline of that epoch (per-sample transforms, MixUp / Copy-Blend,
 multi-scale), drawn with its boxes and class names.
@@ -9,17 +6,18 @@ multi-scale), drawn with its boxes and class names.
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
 
 import torch
 from PIL import Image, ImageDraw
 
+from students.imagenet import IMAGENET_MEAN, IMAGENET_STD
+
 from . import build_dataset
 from .collate import Collator
-from .config import DataConfig, load_data_config
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, stage_of
+from .config import DataConfig
+from .transforms import stage_of
 
 _PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
             (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
@@ -57,7 +55,7 @@ def render_batch(cfg: DataConfig, epoch: int, n: int = 8, seed: int = 0) -> Imag
     collate.set_epoch(epoch)
     idx = random.sample(range(len(ds)), min(n, len(ds)))
     images, targets = collate([ds[i] for i in idx])
-    tiles = [draw_sample(im, t, ds.names, cfg.normalize) for im, t in zip(images, targets)]
+    tiles = [draw_sample(im, t, ds.names, False) for im, t in zip(images, targets)]
     side = tiles[0].width
     cols = min(4, len(tiles))
     rows = math.ceil(len(tiles) / cols)
@@ -67,24 +65,3 @@ def render_batch(cfg: DataConfig, epoch: int, n: int = 8, seed: int = 0) -> Imag
     for k, tile in enumerate(tiles):
         grid.paste(tile, ((k % cols) * side, (k // cols) * side + 16))
     return grid
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", help="YAML whose data: section is a DataConfig")
-    parser.add_argument("--data", help="dataset directory (data synth / COCO layout); overrides the config's paths")
-    parser.add_argument("--epoch", type=int, default=0)
-    parser.add_argument("--out", default="grid.png")
-    parser.add_argument("-n", type=int, default=8, help="samples in the picture")
-    parser.add_argument("--img-size", type=int, default=None)
-    parser.add_argument("--preset", default=None, help="a data preset (see distill.data.config.PRESETS)")
-    parser.add_argument("--seed", type=int, default=0)
-
-
-def main(args: argparse.Namespace) -> int:
-    if not args.config and not args.data:
-        raise SystemExit("distill data show: give CONFIG or --data DIR")
-    cfg = load_data_config(args.config, args.data, img_size=args.img_size, preset=args.preset)
-    grid = render_batch(cfg, args.epoch, args.n, args.seed)
-    grid.save(args.out)
-    print(f"wrote {args.out} (epoch {args.epoch}, stage '{stage_of(args.epoch, cfg.policy_epochs)}')")
-    return 0

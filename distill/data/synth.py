@@ -13,15 +13,15 @@ the arguments (and on the PIL JPEG encoder).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import time
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from ..errors import UserError
 
 CLASSES = ("disc", "square", "triangle", "star", "cross", "hexagon")
 MIN_VISIBLE = 0.35  # fraction of an object's pixels that must stay visible for it to be annotated
@@ -195,7 +195,7 @@ def write_split(out: str, split: str, n: int, size: int, seed: int) -> dict[str,
 def make_synth(out: str, train: int = 300, val: int = 100, size: int = 320, seed: int = 0) -> dict[str, int]:
     """Write both splits; returns counts {'train_images', 'train_boxes', 'val_images', 'val_boxes'}."""
     if size < 32:
-        raise ValueError(f"size={size} is too small; use >= 32")
+        raise UserError(f"size={size} is too small; use >= 32")
     counts = {}
     for split, n in (("train", train), ("val", val)):
         coco = write_split(out, split, n, size, seed)
@@ -203,19 +203,10 @@ def make_synth(out: str, train: int = 300, val: int = 100, size: int = 320, seed
     return counts
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out", help="output directory (COCO layout)")
-    parser.add_argument("--train", type=int, default=300, help="training images")
-    parser.add_argument("--val", type=int, default=100, help="validation images")
-    parser.add_argument("--size", type=int, default=320, help="long side of each image in pixels")
-    parser.add_argument("--seed", type=int, default=0)
-
-
-def main(args: argparse.Namespace) -> int:
-    t0 = time.perf_counter()
-    counts = make_synth(args.out, args.train, args.val, args.size, args.seed)
-    dt = time.perf_counter() - t0
-    print(f"wrote {args.out}: train {counts['train_images']} images / {counts['train_boxes']} boxes, "
-          f"val {counts['val_images']} images / {counts['val_boxes']} boxes, {len(CLASSES)} classes "
-          f"({', '.join(CLASSES)}) in {dt:.1f} s")
-    return 0
+def prepare_synth(data_cfg: Any) -> Any:
+    """Generate the embedded synthetic dataset on first use (``data.synth`` naming a directory not yet there);
+    returns ``data_cfg`` unchanged."""
+    if data_cfg.synth and not os.path.isfile(os.path.join(data_cfg.synth, "annotations", "instances_train.json")):
+        print(f"generating the embedded synthetic dataset in {data_cfg.synth} ...", flush=True)
+        make_synth(data_cfg.synth, seed=data_cfg.seed)  # native 320 px, whatever size the run trains at
+    return data_cfg

@@ -1,6 +1,6 @@
 """Per-sample transforms (torchvision transforms v2 + tv_tensors) and the DataAug scheduler.
 
-Train, in order (SPEC §1.7); ``policy`` marks the ops that the scheduler switches:
+Train, in order (docs/OFFICIAL.md §1.7); ``policy`` marks the ops that the scheduler switches:
     Mosaic (policy) -> RandomPhotometricDistort(p) (policy) -> RandomZoomOut(fill 0) (policy)
     -> RandomIoUCrop, applied with p (policy) -> SanitizeBoundingBoxes(min_size) -> RandomHorizontalFlip
     -> Resize((S, S)) -> SanitizeBoundingBoxes(min_size) -> float in [0, 1] -> [ImageNet Normalize]
@@ -26,12 +26,11 @@ import torch.utils.data
 import torchvision.transforms.v2 as T
 from torchvision.ops import box_convert
 
+from students.imagenet import IMAGENET_MEAN, IMAGENET_STD
+
 from .config import DataConfig
 from .mosaic import Mosaic
 from .seeding import mix, seeded
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 POLICY_OPS = ("mosaic", "photometric", "zoom_out", "iou_crop")
 STAGES = ("warmup", "mosaic", "plain", "noaug")
@@ -90,7 +89,6 @@ class TrainTransform:
         m = cfg.mosaic
         self.policy_epochs = list(cfg.policy_epochs)
         self.mosaic_prob = m.prob
-        self.normalize = cfg.normalize
         sanitize = T.SanitizeBoundingBoxes(min_size=cfg.sanitize_min_size, labels_getter=_labels_and_area)
         self.ops: dict[str, Any] = {
             "mosaic": Mosaic(m.output_size, m.rotation, m.translate, m.scale, m.use_cache, m.cache_size),
@@ -134,7 +132,7 @@ class TrainTransform:
             if self.profile:
                 self.timings[name] += time.perf_counter() - t0
         t0 = time.perf_counter() if self.profile else 0.0
-        out = finish(image, target, self.normalize)
+        out = finish(image, target, normalize=False)  # the student normalises its input
         if self.profile:
             self.timings["to_tensor"] += time.perf_counter() - t0
         return out
@@ -145,8 +143,7 @@ class ValTransform:
 
     def __init__(self, cfg: DataConfig) -> None:
         self.resize = T.Resize((cfg.img_size, cfg.img_size))
-        self.normalize = cfg.normalize
 
     def __call__(self, image: Any, target: dict[str, Any], dataset: Any = None) -> tuple[torch.Tensor, dict]:
         image, target = self.resize(image, target)
-        return finish(image, target, self.normalize)
+        return finish(image, target, normalize=False)  # the student normalises its input

@@ -117,7 +117,8 @@ def test_config_validation():
 
 
 def test_rtv4_presets_per_scale():
-    # SPEC §2.4: initial weight 5/5/15/20, rho/delta 11/1, 3.5/0.25, 2/0.1, 2/0.25 percent, default 20/15/15/20
+    # docs/OFFICIAL.md §2.4: initial weight 5/5/15/20, rho/delta 11/1, 3.5/0.25, 2/0.1, 2/0.25 percent,
+    # default 20/15/15/20
     expect = {"s": (5, 0.11, 0.01, 20), "m": (5, 0.035, 0.0025, 15), "l": (15, 0.02, 0.001, 15),
               "x": (20, 0.02, 0.0025, 20)}
     for scale, (w, rho, delta, default) in expect.items():
@@ -188,7 +189,7 @@ def test_distiller_training_only(student, teacher_dir):
     assert grids["main"][0].shape == (1, 32, 8, 8)
     with torch.no_grad(), student.capture(distiller.tap_names) as taps:
         during = student(images)
-        losses = distiller.losses(taps, grids)
+        losses = distiller.weigh(distiller.injectors(taps, grids))
     assert set(losses) == {"loss_distill/F5", "loss_distill/S5"}
     with torch.no_grad():
         after = student(images)
@@ -271,10 +272,10 @@ def test_several_injections_gam_drives_one():
     assert not any(p.requires_grad for p in teacher.parameters())
     images = torch.rand(2, 3, 8, 8)
     taps, head = model(images)
-    losses = distiller.losses(taps, distiller.teacher_features(images))
+    losses = distiller.weigh(distiller.injectors(taps, distiller.teacher_features(images)))
     assert set(losses) == {"loss_distill/F5", "loss_distill/S5"}
     (sum(losses.values()) + head).backward()
-    distiller.after_backward()
+    distiller.measure()
     l1 = {g: sum(p.grad.abs().sum().item() for p in ps) for g, ps in groups.items()}
     ratio = l1["aifi"] / sum(l1.values())
     metrics = distiller.end_epoch(0, 10)

@@ -14,7 +14,8 @@ import yaml
 from distill.cli import main as cli
 from distill.data.synth import make_synth
 from distill.engine import Trainer, train_from_config
-from distill.trained import load_trained
+from students.checkpoint import read_weights
+from students.load import load_student
 
 TIMING = {"epoch_time_s", "images_per_s"}
 
@@ -60,7 +61,7 @@ def test_tiny_train_then_eval_and_predict(tmp_path, synth, capsys):
         assert all(key in r for r in records), key
     assert all(r["loss"] > 0 for r in records)
     assert set(summary) >= {"best_AP", "best_epoch", "wall_time_s", "params"}
-    assert summary["params"] == sum(p.numel() for p in load_trained(run)[0].parameters())
+    assert summary["params"] == sum(p.numel() for p in load_student(run).parameters())
     with open(os.path.join(run, "summary.json")) as f:
         assert json.load(f)["best_epoch"] == summary["best_epoch"]
     last = torch.load(os.path.join(run, "checkpoints", "last.pt"), weights_only=True)
@@ -74,6 +75,21 @@ def test_tiny_train_then_eval_and_predict(tmp_path, synth, capsys):
     with open(tmp_path / "pred" / "predictions.json") as f:
         preds = json.load(f)
     assert len(preds) == 1 and len(preds[0]["boxes"]) > 0
+    # an official-layout .pth (no student, classes or config recorded): the config names the scale
+    best = torch.load(os.path.join(run, "checkpoints", "best.pt"), weights_only=True)
+    official = str(tmp_path / "official.pth")
+    torch.save({"ema": {"module": best["model"]}, "last_epoch": 2}, official)
+    assert cli(["eval", os.path.join(run, "config.yaml"), "--checkpoint", official,
+                "--out", str(tmp_path / "official.json")]) == 0
+    with open(tmp_path / "official.json") as f, open(tmp_path / "m.json") as g:
+        assert json.load(f) == json.load(g)  # the same weights, the same metrics
+    assert cli(["predict", "--checkpoint", official, image, "--out", str(tmp_path / "pred_official"),
+                "--threshold", "0"]) == 2  # the scale is not recorded in the file ...
+    assert "does not record which student" in capsys.readouterr().err
+    assert cli(["predict", "--checkpoint", official, "--student", "deimv2_atto", image,
+                "--out", str(tmp_path / "pred_official"), "--threshold", "0"]) == 0  # ... so it is named
+    with open(tmp_path / "pred_official" / "predictions.json") as f:
+        assert len(json.load(f)[0]["boxes"]) > 0  # at the scale's own size: the file records no training size
     capsys.readouterr()
 
 
@@ -119,8 +135,9 @@ def test_grad_accumulation_and_fine_tuning_with_another_class_count(tmp_path, sy
         tiny_config(tmp_path, synth, epochs=1), [f"model.pretrained={best}", "model.num_classes=9"], tuned
     )
     assert summary["best_epoch"] == 0
-    student, ckpt = load_trained(tuned)
-    assert ckpt["num_classes"] == 9 and student.decoder.enc_score_head.out_features == 9
+    weights = read_weights(tuned)
+    student = load_student(weights)
+    assert weights.num_classes == 9 and student.decoder.enc_score_head.out_features == 9
     with pytest.raises(ValueError, match="model.num_classes=3 but the training set has 6 classes"):
         train_from_config(tiny_config(tmp_path, synth, epochs=1), ["model.num_classes=3"], str(tmp_path / "x"))
 

@@ -13,9 +13,12 @@ import torch
 from torch import nn
 
 from distill.cli import main as cli_main
-from distill.export import compare_run, export_onnx, load_student, onnx_initializers, onnx_session, run_onnx
+from distill.compare import compare_run
+from distill.export import export_onnx, onnx_initializers, onnx_session, run_onnx
 from students import build_student
+from students.checkpoint import CheckpointError
 from students.flops import count_params
+from students.load import load_student
 from students.registry import get_spec
 
 PROJ_DIM = 768  # a DINOv3-B-sized projector output: no student tensor has this dimension
@@ -73,7 +76,7 @@ def _assert_same_detections(ref, got, tol=1e-4):
 def test_onnx_matches_pytorch_with_dynamic_batch(tmp_path, name, size):
     model = _calibrated(name, size)
     ckpt = _best_pt(model, str(tmp_path / "run" / "checkpoints" / "best.pt"))
-    student, _ = load_student(ckpt, input_size=(size, size))
+    student = load_student(ckpt, input_size=(size, size))
     path = str(tmp_path / f"{name}.onnx")
     export_onnx(student, path, dynamic_batch=True)
 
@@ -162,7 +165,7 @@ def test_compare_run_shows_zero_overhead(tmp_path, capsys):
     report = compare_run(str(tmp_path / "run"), input_size=(160, 160))
     json.dumps(report)  # the CLI prints it as JSON
     assert report["student"] == "deimv2_atto" and report["input_size"] == [160, 160]
-    # the official deployed size of DEIMv2-Atto (SPEC.md 2.5), for both
+    # the official deployed size of DEIMv2-Atto (docs/OFFICIAL.md §2.5), for both
     official = get_spec("deimv2_atto").official.deploy_params
     assert report["params_distilled"] == report["params_plain"] == official
     assert report["gflops_distilled"] == report["gflops_plain"] > 0
@@ -179,15 +182,15 @@ def test_compare_run_shows_zero_overhead(tmp_path, capsys):
 def test_load_student_from_official_checkpoint_sets_projector_aside(tmp_path):
     model = build_student("deimv2_atto", input_size=(160, 160), check_taps=False)
     state = dict(model.state_dict())
-    # RT-DETRv4 release layout (SPEC.md 5): EMA weights plus the training-only encoder.feature_projector
+    # RT-DETRv4 release layout (docs/OFFICIAL.md §5): EMA weights plus the training-only encoder.feature_projector
     state["encoder.feature_projector.0.weight"] = torch.randn(PROJ_DIM, 64)
     state["encoder.feature_projector.0.bias"] = torch.randn(PROJ_DIM)
     path = str(tmp_path / "official.pth")
     torch.save({"ema": {"module": state, "updates": 1}, "last_epoch": 5}, path)
 
-    with pytest.raises(KeyError, match="--student"):
+    with pytest.raises(CheckpointError, match="--student"):
         load_student(path)
-    loaded, _ = load_student(path, student="deimv2_atto")  # default 320 x 320: anchors rebuilt for it
+    loaded = load_student(path, student="deimv2_atto")  # default 320 x 320: anchors rebuilt for it
     assert loaded.input_size == (320, 320)
     assert not any("feature_projector" in k for k in loaded.state_dict())
     for k, v in model.state_dict().items():
@@ -196,3 +199,8 @@ def test_load_student_from_official_checkpoint_sets_projector_aside(tmp_path):
     assert loaded.state_dict()["decoder.anchors"].shape[1] == (320 // 16) ** 2 + (320 // 32) ** 2
     with pytest.raises(ValueError, match="num-classes"):
         load_student(path, student="deimv2_atto", num_classes=3)
+    # the command takes it as well, with the scale named
+    out = str(tmp_path / "official.onnx")
+    assert cli_main(["export", "--checkpoint", path, "--student", "deimv2_atto", "--input-size", "160", "160",
+                     "--out", out, "--json"]) == 0
+    assert [d.dim_value for d in onnx.load(out).graph.input[0].type.tensor_type.shape.dim[2:]] == [160, 160]

@@ -1,5 +1,5 @@
 """Grids: expansion (product, zip, exclude, seeds), slugs and hashes, override strings, idempotent reruns with a
-fake runner, and collect / calibrate on fake run directories."""
+fake runner, launch command lines, and collect / calibrate on fake run directories (the one grid report)."""
 
 import argparse
 import csv
@@ -13,9 +13,25 @@ import pytest
 import yaml
 from PIL import Image
 
-from distill import calibrate_cmd, collect_cmd, grid_cmd
 from distill.cli import main as cli_main
-from distill.grid import Manifest, expand, format_override, load_grid, run_grid, run_hash
+from distill.cli.grid import grid as grid_command
+from distill.errors import UserError
+from distill.grid import (
+    Manifest,
+    calibrate,
+    collect,
+    expand,
+    format_override,
+    launch_command,
+    load_grid,
+    load_results,
+    markdown,
+    plot_best,
+    run_grid,
+    run_hash,
+    runs_markdown,
+    subprocess_runner,
+)
 
 
 def _grid(tmp_path, **fields) -> Path:
@@ -134,10 +150,10 @@ def test_grid_command_dry_run_and_exit_codes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "3 run(s)" in out and "w-20-" in out and "new" in out
     assert not (tmp_path / "out" / "manifest.jsonl").exists()
-    args = argparse.Namespace(grid=str(path), dry_run=False, launcher="inprocess", launch_args="", output_dir=None,
-                              fail_fast=False)
-    assert grid_cmd.main(args, runner=FakeRunner(fail=["w-5"])) == 1
-    assert grid_cmd.main(args, runner=FakeRunner()) == 0
+    args = argparse.Namespace(grid=str(path), dry_run=False, launcher="inprocess", nproc_per_node=1, launch_args="",
+                              output_dir=None, fail_fast=False)
+    assert grid_command(args, runner=FakeRunner(fail=["w-5"])) == 1
+    assert grid_command(args, runner=FakeRunner()) == 0
     assert "3/3 run(s) done" in capsys.readouterr().out
     assert cli_main(["grid", str(path), "--dry-run"]) == 0
     table = capsys.readouterr().out.splitlines()[-3:]
@@ -175,7 +191,7 @@ def static_grid(tmp_path):
 
 
 def test_collect_tables_and_plots(static_grid):
-    written = collect_cmd.collect(static_grid)
+    written = collect(static_grid)
     rows = list(csv.DictReader(open(written["csv"])))
     assert len(rows) == 6
     row = next(r for r in rows if r["w"] == "5" and r["seed"] == "1")
@@ -191,7 +207,7 @@ def test_collect_tables_and_plots(static_grid):
     assert expected == "0.4900 ± 0.0141"
     cell = next(line for line in md.splitlines() if line.startswith("| 5 |"))
     assert expected in cell and "2/2" in cell
-    for key in ("ap_plot", "gam_plot"):
+    for key in ("ap_plot", "gam_plot", "best_plot"):
         pixels = np.asarray(Image.open(written[key]).convert("RGB"), dtype=np.float32)
         assert pixels.shape[0] > 200 and pixels.std() > 5.0
         assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 10  # lines in several colours, not a blank canvas
@@ -202,13 +218,58 @@ def test_collect_two_axis_pivot(tmp_path):
             {"key": "model", "name": "model", "values": ["n", "s"]}]
     grid = load_grid(_grid(tmp_path, axes=axes, seeds=[0]))
     run_grid(grid, runner=FakeRunner(write=_write_run), log=lambda _: None)
-    md = collect_cmd.markdown(collect_cmd.load_results(grid.output_dir))
+    md = markdown(load_results(grid.output_dir))
     assert "## Best AP: w (rows) x model (columns)" in md
     assert "| 5 | 0.4800 | 0.4800 |" in md  # w=5, seed 0: 0.46 + 0.02 in both model columns
 
 
+def test_collect_tolerates_a_cut_last_line_but_not_a_bad_middle_line(static_grid, capsys):
+    run = sorted(p for p in static_grid.iterdir() if p.name.startswith("w-5_seed-1"))[0]
+    metrics = run / "metrics.jsonl"
+    good = metrics.read_text()
+    # a crash while the engine appended epoch 3: the last line is cut short, without its newline
+    metrics.write_text(good + '{"epoch": 3, "AP": 0.5')
+    rows = list(csv.DictReader(open(collect(static_grid, plots=False)["csv"])))
+    row = next(r for r in rows if r["run"] == run.name)
+    assert row["epochs"] == "3" and float(row["best_AP"]) == pytest.approx(0.50)
+    # damage anywhere else is an error naming the file and the line, never a silently shorter run
+    lines = good.splitlines(keepends=True)
+    metrics.write_text(lines[0] + '{"epoch": 1, "AP": 0.4\n' + lines[2])
+    with pytest.raises(UserError, match=rf"{run.name}/metrics\.jsonl:2: not a JSON record"):
+        collect(static_grid, plots=False)
+    with pytest.raises(UserError, match=r"metrics\.jsonl:2"):
+        calibrate(static_grid)
+    assert cli_main(["collect", str(static_grid)]) == 2
+    assert "metrics.jsonl:2" in capsys.readouterr().err
+    # a complete last line that is not JSON is damage too, not a crash
+    metrics.write_text(good + "{oops\n")
+    with pytest.raises(UserError, match=r"metrics\.jsonl:4"):
+        collect(static_grid, plots=False)
+
+
+def test_run_table_and_best_ap_plot(static_grid):
+    results = load_results(static_grid)
+    lines = runs_markdown(results).splitlines()
+    assert lines[0] == "| run | w | seed | status | best AP (%) | best epoch | distill_weight | AIFI share (%) |"
+    row = next(line for line in lines if "w-5_seed-1" in line)
+    # w=5, seed 1: best AP 0.50 at epoch 2, weight 5, shares .09 .11 .11
+    assert f"| 5 | 1 | done | 50.00 | 2 | 5 | {100 * (0.09 + 0.11 + 0.11) / 3:.2f} |" in row
+    fig = plot_best(results)
+    axes = fig.get_axes()
+    assert len(axes) == 2  # best AP per cell, and against the AIFI share
+    assert [t.get_text() for t in axes[0].get_xticklabels()] == ["w=1", "w=5", "w=20"]
+    path = static_grid / "best.png"
+    fig.savefig(path)
+    pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+    assert pixels.shape[1] > 1000 and pixels.std() > 5.0
+    manifest = static_grid / "manifest.jsonl"
+    manifest.write_text(manifest.read_text() + "{broken\n")
+    with pytest.raises(UserError, match=r"manifest\.jsonl:7"):
+        load_results(static_grid)
+
+
 def test_calibrate(static_grid, capsys):
-    result = calibrate_cmd.calibrate(static_grid)
+    result = calibrate(static_grid)
     # best cell is w=5 (mean best AP 0.49 vs 0.43 / 0.47); its runs' mean shares: seed 0 (.08+.10+.10)/3,
     # seed 1 (.09+.11+.11)/3
     rho = statistics.fmean([(0.08 + 0.10 + 0.10) / 3, (0.09 + 0.11 + 0.11) / 3])
@@ -216,7 +277,7 @@ def test_calibrate(static_grid, capsys):
     assert result["rho"] == pytest.approx(rho) and result["delta"] == pytest.approx(0.1 * rho)
     assert result["rho_percent"] == pytest.approx(100 * rho) and not result["warnings"]
     # the no-aug stage left out: epochs >= 1 ignored
-    early = calibrate_cmd.calibrate(static_grid, delta_frac=0.05, stop_epoch=1)
+    early = calibrate(static_grid, delta_frac=0.05, stop_epoch=1)
     assert early["rho"] == pytest.approx(statistics.fmean([0.08, 0.09]))
     assert early["delta"] == pytest.approx(0.05 * early["rho"])
     assert cli_main(["calibrate", str(static_grid)]) == 0
@@ -225,23 +286,44 @@ def test_calibrate(static_grid, capsys):
     assert "rho = " in capsys.readouterr().out
 
 
-def test_accelerate_command_parses_as_distill_train(tmp_path):
+def test_launch_command_starts_the_processes_asked_for(tmp_path):
     import sys
 
-    from distill import train_cmd
-    from distill.grid import accelerate_command
+    from distill.cli.train import train_arguments
 
     grid = load_grid(_grid(tmp_path, axes=[TAPS]))
     run = expand(grid)[0]
     out = str(tmp_path / "out" / run.dirname)
-    cmd = accelerate_command(grid.base, run.override_args(), out, ["--num_processes", "2"])
-    assert cmd[:5] == [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2"]
-    assert cmd[5:9] == ["-m", "distill.cli", "train", grid.base]
-    parser = argparse.ArgumentParser()
-    train_cmd.add_arguments(parser)
-    args = parser.parse_args(cmd[8:])
-    assert args.config == grid.base
-    assert [yaml.safe_load(o.split("=", 1)[1]) for o in args.overrides] == [[{"tap": "F5"}], out]
+    # two processes: torchrun (accelerate launch --cpu --num_processes 2 would start only one on CPU)
+    cmd = launch_command(grid.base, run.override_args(), out, nproc=2, launch_args=["--master_port", "29601"])
+    assert cmd[:7] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                       "--master_port"]
+    assert cmd[8:12] == ["-m", "distill.cli", "train", grid.base]
+    # one process: plain python, no launcher
+    single = launch_command(grid.base, run.override_args(), out)
+    assert single[:5] == [sys.executable, "-m", "distill.cli", "train", grid.base]
+    for line in (cmd[11:], single[4:]):
+        parser = argparse.ArgumentParser()
+        train_arguments(parser)
+        args = parser.parse_args(line)
+        assert args.config == grid.base
+        assert [yaml.safe_load(o.split("=", 1)[1]) for o in args.overrides] == [[{"tap": "F5"}], out]
+    with pytest.raises(UserError, match="more than one process"):
+        launch_command(grid.base, [], out, nproc=1, launch_args=["--master_port", "1"])
+    with pytest.raises(UserError, match=">= 1"):
+        subprocess_runner(0)
+    assert cli_main(["grid", str(tmp_path / "GRID.yaml"), "--nproc-per-node", "2"]) == 2  # inprocess: one process
+
+
+def test_subprocess_runner_logs_the_command_and_reports_failure(tmp_path):
+    grid = load_grid(_grid(tmp_path, axes=[WEIGHTS]))
+    final = run_grid(grid, expand(grid)[:1], subprocess_runner(1))  # base.yaml lacks a dataset: training fails
+    (name, status), = final.items()
+    assert status == "failed"
+    log = (tmp_path / "out" / name / "launch.log").read_text()
+    assert log.startswith("$ ") and " -m distill.cli train " in log.splitlines()[0]
+    record = Manifest(tmp_path / "out" / "manifest.jsonl").records[name]
+    assert "exited with status" in record["error"] and "launch.log" in record["error"]
 
 
 def test_output_dir_from_file_or_command_line(tmp_path, monkeypatch):

@@ -1,8 +1,8 @@
-"""PCA colour mapping, the Fig. 4 feature panel, training curves and grid results (distill.viz, distill viz ...).
+"""PCA colour mapping, the Fig. 4 feature panel and training curves (distill.viz, distill viz ...).
 
 Artefacts are made here: random DEIM-D-FINE-N students saved as a plain run (best.pt) and a distillation run
 (best.pt + last.pt with its DSI projector), a tiny DINOv3 teacher saved with save_pretrained, synthetic scenes,
-metrics.jsonl / config.yaml / summary.json of fake runs and a results.csv.
+metrics.jsonl / config.yaml / summary.json of fake runs. Grid results are tested in test_grid.py.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,14 +22,16 @@ import students
 from distill import cli, viz
 from distill.config import TrainConfig, to_dict
 from distill.data.synth import render_scene
-from distill.dsi import DistillConfig, Injectors, dsi_loss, resolve_injections
+from distill.dsi import Injectors, dsi_loss, resolve_injections
 from distill.engine import TrainModel
 from distill.images import load_images
 from distill.pca import PCABasis, foreground_mask, resize_mask
-from distill.trained import load_trained
+from distill.rundir import RunDir, distill_config
+from students.load import load_student
 
 SIZE = 128
 STUDENT = "deim_dfine_n"
+TINY_BASE = Path(__file__).resolve().parents[2] / "experiments" / "embedded" / "tiny_base.yaml"
 
 
 # ---- artefacts -------------------------------------------------------------------------------------------------
@@ -43,7 +46,7 @@ def write_checkpoints(root: str, teacher_dir: str, distill: bool, seed: int) -> 
     if distill:
         cfg["distill"]["teachers"] = {"main": {"weights": teacher_dir}}
         cfg["distill"]["gam"].update(enabled=True, rho=0.11, delta=0.01)
-        injectors = Injectors(resolve_injections(DistillConfig.from_dict(cfg["distill"])), student.taps, {"main": [32]})
+        injectors = Injectors(resolve_injections(distill_config(cfg["distill"])), student.taps, {"main": [32]})
     ckpt_dir = os.path.join(root, "checkpoints")
     os.makedirs(ckpt_dir, exist_ok=True)
     base = {"version": 1, "student": STUDENT, "num_classes": 3, "class_names": ["a", "b", "c"], "config": cfg,
@@ -180,16 +183,16 @@ def test_fitted_cosines_recover_a_linear_teacher():
 
 
 def test_projector_loaded_from_last_pt_matches_training(art):
-    projector, note, epoch = viz.load_projector(art["distilled"])
-    assert projector is not None and note == "linear projector from distilled/checkpoints/last.pt (epoch 2)"
-    assert epoch == 2
+    projector = RunDir(art["distilled"]).projector()
+    assert projector.module is not None
+    assert projector.note == "linear projector from distilled/checkpoints/last.pt (epoch 2)" and projector.epoch == 2
     x = torch.randn(1, 128, 3, 3)  # F5 of deim_dfine_n has 128 channels
     with torch.no_grad():
-        torch.testing.assert_close(projector(x), art["injectors"].projectors["F5"](x))
+        torch.testing.assert_close(projector.module(x), art["injectors"].projectors["F5"](x))
     # best.pt path finds the sibling last.pt; a plain run has none
-    assert viz.load_projector(os.path.join(art["distilled"], "checkpoints", "best.pt"))[0] is not None
-    none, why, _ = viz.load_projector(art["plain"])
-    assert none is None and why == "no last.pt"
+    assert RunDir.containing(os.path.join(art["distilled"], "checkpoints", "best.pt")).projector().module is not None
+    none = RunDir(art["plain"]).projector()
+    assert none.module is None and none.note == "no last.pt"
 
 
 def test_checkpoint_features_cosine_agrees_with_dsi_loss(art):
@@ -202,7 +205,7 @@ def test_checkpoint_features_cosine_agrees_with_dsi_loss(art):
     assert list(feats.taps) == ["F5", "P4", "P5"]  # deim_dfine_n has no P3
     assert feats.taps["F5"][0].shape == (128, SIZE // 32, SIZE // 32)
     assert feats.cos_source == "projector" and feats.note == ""
-    student, _ = load_trained(art["distilled"])
+    student = load_student(art["distilled"])
     with torch.no_grad(), student.capture(["F5"]) as taps:
         student.encoder(student.backbone(images[0][None]))
         ref = dsi_loss(art["injectors"].projectors["F5"](taps["F5"]), grids[0][None], "cosine")
@@ -253,6 +256,37 @@ def test_viz_pca_command_without_teacher_and_bad_labels(art, capsys):
     assert "--labels has 2 entries for 1 checkpoints" in capsys.readouterr().err
 
 
+def test_viz_pca_config_resolves_includes(art, tmp_path, capsys):
+    # tiny_base.yaml takes its data.img_size (192) and its teacher from student.yaml, through include:
+    out = str(tmp_path / "tiny.png")
+    image = os.path.join(art["images"], "000000.jpg")
+    assert cli.main(["viz", "pca", "--checkpoint", art["plain"], "--config", str(TINY_BASE),
+                     "--no-teacher", "--images", image, "--out", out]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["size"] == 192
+    # a config whose teacher and size come from the file it includes
+    parent = {"data": {"img_size": 96}, "distill": {"teachers": {"inc": {"weights": art["teacher"]}}}}
+    (tmp_path / "parent.yaml").write_text(yaml.safe_dump(parent))
+    (tmp_path / "child.yaml").write_text("include: [parent.yaml]\nseed: 3\n")
+    assert cli.main(["viz", "pca", "--checkpoint", art["plain"], "--config", str(tmp_path / "child.yaml"),
+                     "--images", image, "--out", out]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["size"] == 96 and report["teacher"] == "inc"
+
+
+def test_viz_pca_of_an_official_checkpoint(art, tmp_path, capsys):
+    best = torch.load(os.path.join(art["plain"], "checkpoints", "best.pt"), weights_only=True)
+    official = str(tmp_path / "official.pth")
+    torch.save({"ema": {"module": best["model"]}}, official)  # the official layout: no student, no config
+    out = str(tmp_path / "official.png")
+    args = ["viz", "pca", "--checkpoint", official, "--no-teacher", "--size", str(SIZE), "--out", out,
+            "--images", os.path.join(art["images"], "000000.jpg")]
+    assert cli.main(args) == 2
+    assert "does not record which student" in capsys.readouterr().err
+    assert cli.main([*args, "--student", STUDENT]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][0]
+    assert row["label"] == f"official.pth {STUDENT}" and row["taps"] == ["F5", "P4", "P5"]
+
+
 def test_read_run_series_band_and_loss_terms(tmp_path):
     run = viz.read_run(write_run(tmp_path / "gam", 4, 5.0, gam=True, nan_epoch=1))
     assert run.band == pytest.approx((0.0325, 0.0375))
@@ -269,6 +303,9 @@ def test_read_run_series_band_and_loss_terms(tmp_path):
     (tmp_path / "bad" / "metrics.jsonl").write_text('{"epoch": 0}\n{oops\n')
     with pytest.raises(ValueError, match="metrics.jsonl:2"):
         viz.read_run(str(tmp_path / "bad"))
+    # a last line cut short by a crash (no newline after it) is the one damage skipped
+    (tmp_path / "bad" / "metrics.jsonl").write_text('{"epoch": 0}\n{"epoch": 1, "AP": 0.')
+    assert [r["epoch"] for r in viz.read_run(str(tmp_path / "bad")).rows] == [0]
 
 
 def test_viz_curves_command(tmp_path, capsys):
@@ -283,24 +320,6 @@ def test_viz_curves_command(tmp_path, capsys):
     assert w > 1200 and h > 800 and std > 10
     assert cli.main(["viz", "curves", str(tmp_path / "nowhere"), "--out", out]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
-
-
-def test_grid_results_table_and_plot(tmp_path):
-    rows = ["run,status,distill.gam.enabled,seed,best_AP,best_epoch,AP50,mean_aifi_grad_ratio,epochs",
-            "r0,done,false,0,0.30,5,0.5,0.05,6", "r1,done,false,1,0.32,5,0.5,0.07,6",
-            "r2,done,true,0,0.40,5,0.6,0.11,6", "r3,done,true,1,,5,,,6"]
-    (tmp_path / "results.csv").write_text("\n".join(rows) + "\n")
-    table = viz.read_results(str(tmp_path))
-    assert table.axes == ["distill.gam.enabled", "seed"] and table.seed_axis == "seed"
-    md = viz.results_markdown(table).splitlines()
-    # mean and sample std of 30 and 32 (in %): 31.00 ± 1.41; the empty AP of r3 is skipped
-    assert md[2] == "| false | 2 | 31.00 ± 1.41 | 50.00 ± 0.00 | 6.00 ± 1.41 |"
-    assert md[3] == "| true | 2 | 40.00 | 60.00 | 11.00 |"
-    out = viz.save(viz.plot_results(table), str(tmp_path / "grid.png"))
-    (w, h), std = png_stats(out)
-    assert w > 1000 and std > 5
-    with pytest.raises(FileNotFoundError, match="distill collect"):
-        viz.read_results(str(tmp_path / "missing"))
 
 
 def test_feature_panel_same_run_shares_bases(art):

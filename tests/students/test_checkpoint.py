@@ -1,4 +1,5 @@
-"""Official checkpoints load strictly into the students; our own save format round-trips exactly.
+"""Official checkpoints load strictly into the students; our own save format round-trips exactly; every kind of
+weights the project accepts goes through the one reader, and its errors name the file and the keys.
 
 The official state dicts are synthesised from tests/data/official_state_dicts/*.json (key names,
 shapes and dtypes of the official models, with the tied keys the official models share): random values, saved in
@@ -14,7 +15,16 @@ import torch
 from safetensors.torch import save_file
 
 from students import build_student
-from students.checkpoint import CheckpointMismatch, load_official, load_student, save_student
+from students.checkpoint import (
+    SIZE_BUFFERS,
+    CheckpointError,
+    CheckpointMismatch,
+    load_official,
+    read_weights,
+    save_student,
+)
+from students.errors import MissingPathError, UserError
+from students.load import load_student
 
 REF = Path(__file__).resolve().parents[1] / "data" / "official_state_dicts"
 # reference file -> our scale (RT-DETRv4-S is DEIM-D-FINE-S plus a training-only projector)
@@ -141,8 +151,10 @@ class _NotATensor:
 def test_pickled_objects_are_refused(tmp_path):
     state, _ = official_state("deimv2_atto")
     torch.save({"model": state, "extra": _NotATensor()}, tmp_path / "evil.pth")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError, match=r"evil\.pth: refused by torch\.load\(weights_only=True\) "
+                                              r"\(Unsupported global: .*_NotATensor") as err:
         load_official(build_student("deimv2_atto", check_taps=False), tmp_path / "evil.pth")
+    assert isinstance(err.value.__cause__, pickle.UnpicklingError)
 
 
 def test_save_load_round_trip_gives_identical_outputs(tmp_path):
@@ -171,3 +183,103 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path):
     assert loaded.deployed
     with torch.no_grad():
         assert torch.equal(loaded(images)["pred_boxes"], ref["pred_boxes"])
+
+
+# ---- one reader for every kind -------------------------------------------------------------------------------------
+def _ours(detector, **extra) -> dict:
+    """A checkpoint as `distill train` writes best.pt."""
+    return {"version": 1, "student": detector.name, "num_classes": detector.num_classes,
+            "class_names": ["a", "b", "c"], "config": {"data": {"img_size": 160}}, "epoch": 4,
+            "model": detector.state_dict(), **extra}
+
+
+def test_every_kind_of_weights_goes_through_one_reader(tmp_path):
+    torch.manual_seed(1)
+    model = build_student("deimv2_atto", num_classes=3, input_size=(160, 160), check_taps=False)
+    state = model.state_dict()
+    noise = {k: torch.zeros_like(v) for k, v in state.items()}
+    run = tmp_path / "run" / "checkpoints"
+    run.mkdir(parents=True)
+    torch.save(_ours(model), run / "best.pt")
+    # last.pt: the EMA copy is the student; 'model' and 'train_model' hold the raw training weights
+    torch.save(_ours(model, model=noise, ema={"module": state}, train_model={"student.x": torch.zeros(1)}),
+               run / "last.pt")
+    torch.save({"model": state}, tmp_path / "release.pth")
+    torch.save({"ema": {"module": state}, "model": noise, "last_epoch": 3}, tmp_path / "training.pth")
+    save_file({f"model.{k}": v.clone() for k, v in state.items()}, str(tmp_path / "hub.safetensors"))
+    save_student(model, tmp_path / "saved")
+
+    kinds = {  # source -> (layout, scale recorded)
+        tmp_path / "run": ("model", True),  # a run directory: its best.pt
+        run / "best.pt": ("model", True),
+        run / "last.pt": ("ema.module", True),
+        tmp_path / "release.pth": ("model", False),
+        tmp_path / "training.pth": ("ema.module", False),
+        tmp_path / "hub.safetensors": ("safetensors", False),
+        tmp_path / "saved": ("saved student", True),
+    }
+    for source, (layout, recorded) in kinds.items():
+        weights = read_weights(source)
+        assert weights.layout == layout, source
+        assert (weights.student == "deimv2_atto") == recorded, source
+        loaded = load_student(weights, student=None if recorded else "deimv2_atto")
+        assert loaded.num_classes == 3 and not loaded.training, source  # official: classes from the heads
+        # a recorded size is the default, else the scale's (anchors rebuilt for it)
+        assert loaded.input_size == ((160, 160) if recorded else (320, 320)), source
+        for key, value in state.items():
+            if key not in SIZE_BUFFERS:
+                assert torch.equal(loaded.state_dict()[key], value), (source, key)
+    ours = read_weights(tmp_path / "run")
+    assert ours.source == str(run / "best.pt") and ours.epoch == 4 and ours.input_size == (160, 160)
+    assert ours.label_names() == {0: "a", 1: "b", 2: "c"}
+    assert read_weights(tmp_path / "release.pth").label_names() == {0: "0", 1: "1", 2: "2"}
+    assert load_student(ours, input_size=(96, 128)).input_size == (96, 128)
+    # model.pretrained of a training: any kind, a run directory included, into a model of another class count
+    tuned = build_student("deimv2_atto", num_classes=5, pretrained=tmp_path / "run", input_size=(160, 160))
+    assert torch.equal(tuned.state_dict()["backbone.stem.stem1.conv.weight"], state["backbone.stem.stem1.conv.weight"])
+
+
+def test_anchors_of_another_input_size_are_rebuilt_not_refused():
+    state, _ = official_state("deimv2_atto")  # saved at the official 320 x 320
+    model = build_student("deimv2_atto", input_size=(160, 160), check_taps=False)
+    anchors = model.state_dict()["decoder.anchors"].clone()
+    report = load_official(model, {"model": state})
+    assert report.resized == ["decoder.anchors", "decoder.valid_mask"]
+    assert torch.equal(model.state_dict()["decoder.anchors"], anchors)
+    assert_arrived(model, state, skip=report.resized)
+
+
+def test_errors_name_the_file_and_the_keys(tmp_path):
+    model = build_student("deimv2_atto", num_classes=3, input_size=(160, 160), check_taps=False)
+    with pytest.raises(MissingPathError, match=r"nowhere\.pth: no such checkpoint"):
+        read_weights(tmp_path / "nowhere.pth")
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(MissingPathError, match=r"empty_run: neither a run directory \(no checkpoints/best\.pt\)"):
+        read_weights(tmp_path / "empty_run")
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"notes\.pth: refused by torch\.load\(weights_only=True\)"):
+        read_weights(tmp_path / "notes.pth")
+    torch.save({"optimizer": {}, "epoch": 3}, tmp_path / "optim.pth")
+    with pytest.raises(CheckpointError, match=r"optim\.pth: not a checkpoint.*\['optimizer', 'epoch'\]"):
+        read_weights(tmp_path / "optim.pth")
+
+    state = dict(model.state_dict())
+    del state["encoder.input_proj.0.conv.weight"]
+    state["decoder.extra.weight"] = torch.zeros(2)
+    torch.save({"model": state}, tmp_path / "cut.pth")
+    with pytest.raises(CheckpointMismatch) as err:
+        load_student(tmp_path / "cut.pth", student="deimv2_atto")
+    msg = str(err.value)
+    assert f"checkpoint {tmp_path / 'cut.pth'} does not fit deimv2_atto" in msg
+    assert "missing keys (1): encoder.input_proj.0.conv.weight" in msg and "unexpected keys (1): decoder.extra" in msg
+
+    torch.save(_ours(model), tmp_path / "best.pt")
+    with pytest.raises(CheckpointError, match=r"best\.pt holds 'deimv2_atto', not the 'deimv2_n' asked for"):
+        load_student(tmp_path / "best.pt", student="deimv2_n")
+    with pytest.raises(CheckpointError, match=r"best\.pt: its class heads hold 3 classes, not the 80"):
+        load_student(tmp_path / "best.pt", num_classes=80)
+    torch.save({"model": model.state_dict()}, tmp_path / "official.pth")
+    with pytest.raises(UserError, match="unknown student 'deimv2_zz'"):
+        load_student(tmp_path / "official.pth", student="deimv2_zz")
+    # a checkpoint is bad input, not a bug: the command prints it as one line
+    assert issubclass(CheckpointMismatch, UserError)

@@ -24,7 +24,7 @@ def _targets():
     ]
 
 
-# declared taps (channels, stride) from SPEC 2.1 / 2.3: backbone outputs and the encoder's hidden width
+# declared taps (channels, stride) from docs/OFFICIAL.md §2.1 / §2.3: backbone outputs and the encoder's hidden width
 TAPS = {
     "deim_dfine_n": {"S4": (512, 16), "S5": (1024, 32), "F5": (128, 32), "P4": (128, 16), "P5": (128, 32)},
     "deimv2_atto": {"S4": (256, 16), "F5": (64, 32), "P4": (64, 16), "P5": (64, 32)},

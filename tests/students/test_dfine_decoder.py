@@ -322,7 +322,7 @@ def test_deformable_attention_against_naive_sampling():
         for hd in range(heads):
             acc = torch.zeros(head_dim)
             for p in range(3):
-                # SPEC: location = centre + offset / n_points(level) * box_wh * 0.5
+                # docs/OFFICIAL.md §3.10: location = centre + offset / n_points(level) * box_wh * 0.5
                 x = cx + offsets[hd, p, 0].item() / n_of[p] * bw * 0.5
                 y = cy + offsets[hd, p, 1].item() / n_of[p] * bh * 0.5
                 acc += weights[hd, p] * _bilinear(maps[level_of[p]][hd], x, y)

@@ -88,8 +88,8 @@ def test_forward_equals_timm_pphgnetv2(name):
 
 
 def test_pruned_variants_follow_spec():
-    """SPEC 3.9: Pico = B0 without stage 4; Femto = Pico with one block in stage 3; Atto = Femto with 256 out
-    channels and 3x3 kernels in stage 3."""
+    """docs/OFFICIAL.md §3.9: Pico = B0 without stage 4; Femto = Pico with one block in stage 3; Atto = Femto
+    with 256 out channels and 3x3 kernels in stage 3."""
     with torch.device("meta"):
         b0, pico, femto, atto = (HGNetv2(n, use_lab=True, return_idx=[2], freeze_at=-1, freeze_norm=False,
                                          pretrained=False) for n in ("B0", "Pico", "Femto", "Atto"))
@@ -129,7 +129,7 @@ def test_out_channels_strides_and_forward_shapes(name, return_idx, channels, str
 
 
 def test_spec_table_sizes_b2_b4_b5():
-    """Encoder in_channels in SPEC 2.1 for DEIM-D-FINE M (B2) and L/X (B4/B5) with return_idx [1, 2, 3]."""
+    """Encoder in_channels in docs/OFFICIAL.md §2.1 for DEIM-D-FINE M (B2) and L/X (B4/B5) with return_idx [1, 2, 3]."""
     with torch.device("meta"):
         assert HGNetv2("B2", use_lab=True, pretrained=False).out_channels == [384, 768, 1536]
         assert HGNetv2("B4", pretrained=False).out_channels == [512, 1024, 2048]
@@ -210,7 +210,7 @@ def test_pretrained_non_strict_and_partial_loads(tmp_path):
     state = atto.state_dict()
     loaded = {k for k, v in state.items() if v.shape == ckpt[k].shape}
     mismatched = set(state) - loaded
-    # Hand-derived from SPEC 3.9: stage-3 depthwise kernels and aggregation widths differ from B0.
+    # Hand-derived from docs/OFFICIAL.md §3.9: stage-3 depthwise kernels and aggregation widths differ from B0.
     assert "stages.2.blocks.0.layers.0.conv2.conv.weight" in mismatched
     assert "stages.2.blocks.0.aggregation.1.bn.running_var" in mismatched
     assert "stages.2.blocks.0.layers.0.conv1.conv.weight" in loaded  # 256 -> 64 pointwise, same as B0

@@ -65,7 +65,7 @@ def test_r50vd_m_backbone_is_r50vd():
 
 
 def test_official_key_names():
-    """Key names as in the official code / SPEC 5 (`backbone.conv1.*`, `backbone.res_layers.*`)."""
+    """Key names as in the official code / docs/OFFICIAL.md §5 (`backbone.conv1.*`, `backbone.res_layers.*`)."""
     with torch.device("meta"):
         r18 = PResNet(**OFFICIAL_KWARGS["r18vd"]).state_dict()
         r50 = PResNet(**OFFICIAL_KWARGS["r50vd"]).state_dict()

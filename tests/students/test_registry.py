@@ -1,4 +1,4 @@
-"""Registry data and model structure of every scale against the official figures (SPEC.md 2.5).
+"""Registry data and model structure of every scale against the official figures (docs/OFFICIAL.md §2.5).
 
 Params depend only on the module structure, so the large scales are built on the ``meta`` device (no memory, no
 weight init, no forward): this keeps the whole file fast while still counting every parameter exactly.
@@ -11,7 +11,7 @@ from students import build_student, get_spec, list_students
 from students.flops import count_params
 from students.registry import FAMILIES, STUDENTS
 
-# SPEC.md section 2.5, copied by hand: name -> (input, params, deploy params, README params M, README GFLOPs)
+# docs/OFFICIAL.md §2.5, copied by hand: name -> (input, params, deploy params, README params M, README GFLOPs)
 SPEC_25 = {
     "deim_dfine_n": (640, 3_782_693, 3_753_799, 4.0, 7.0),
     "deim_dfine_s": (640, 10_321_877, 10_237_491, 10.0, 25.0),
@@ -68,7 +68,7 @@ def test_spec_matches_official_facts(name):
 
 
 def test_query_counts_and_heads_of_tiny_deimv2():
-    # SPEC 2.3: Atto/Femto/Pico use 100/150/200 queries, shared bbox head, no gateway
+    # docs/OFFICIAL.md §2.3: Atto/Femto/Pico use 100/150/200 queries, shared bbox head, no gateway
     for name, queries in (("deimv2_atto", 100), ("deimv2_femto", 150), ("deimv2_pico", 200)):
         dec = get_spec(name).decoder_kwargs
         assert (dec["num_queries"], dec["share_bbox_head"], dec["use_gateway"]) == (queries, True, False)

@@ -46,7 +46,8 @@ def test_s_backbone_keys_shapes_and_count_match_official_state_dict():
 
 def _expected_count(D: int, heads: int, ffn: str, ratio: float, storage: int, layerscale: bool, final_norm: bool,
                     C: int, hidden: int) -> int:
-    """Parameter count from the architecture facts of SPEC 3.7 / 3.8 (depth 12, patch 16, qkv/proj/ffn biases)."""
+    """Parameter count from the architecture facts of docs/OFFICIAL.md §3.7 / §3.8 (depth 12, patch 16,
+    qkv/proj/ffn biases)."""
     if ffn == "mlp":
         ffn_params = 2 * D * int(D * ratio) + int(D * ratio) + D
     else:  # SwiGLU: width 2/3 of D*ratio rounded up to 8, three linears
@@ -219,7 +220,7 @@ def test_rescale_is_one_log_uniform_factor_in_half_to_two():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Fidelity against transformers' DINOv3ViTModel (same function for DINOv3 ViT-S / S+, SPEC 2.5 / 7)
+# Fidelity against transformers' DINOv3ViTModel (same function for DINOv3 ViT-S / S+, docs/OFFICIAL.md §2.5 / §7)
 # ---------------------------------------------------------------------------------------------------------------
 def _to_hf(ours: torch.nn.Module, blocks, prefix_tokens: dict, gated: bool, D: int) -> dict:
     sd = {f"embeddings.{k}": v for k, v in prefix_tokens.items()}

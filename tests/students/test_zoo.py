@@ -11,7 +11,7 @@ from distill.cli import main as cli
 from students import build_student
 from students.flops import count_flops, count_gflops, count_params
 
-# SPEC.md 2.5 (official models, FlopCounterMode + explicit attention): name -> (GFLOPs, deploy GFLOPs)
+# docs/OFFICIAL.md §2.5 (official models, FlopCounterMode + explicit attention): name -> (GFLOPs, deploy GFLOPs)
 SPEC_GFLOPS = {
     "deimv2_atto": (0.76, 0.76),
     "deimv2_femto": (1.68, 1.67),
@@ -66,7 +66,7 @@ def test_count_params_counts_tied_weights_once():
     assert heads[0].layers[0].weight is heads[1].layers[0].weight
     by_name = sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False))
     assert count_params(model) < by_name
-    assert count_params(model) == 508_985  # SPEC 2.5
+    assert count_params(model) == 508_985  # docs/OFFICIAL.md §2.5
     assert count_params(model, trainable_only=True) == 508_983  # up, reg_scale are frozen (official JSON)
 
 

@@ -196,8 +196,23 @@ def test_timm_vit_and_cnn(tmp_path):
     assert teacher.dims == [32, 32]
     first, last = teacher.features(torch.rand(1, 3, 48, 80))
     assert first.shape == last.shape == (1, 32, 3, 5)
-    cnn = load_teacher({"timm": "resnet10t", "input": "native"})
+    cnn = load_teacher({"timm": "resnet10t", "weights": "random", "input": "native"})
     assert cnn.patch_size == 32 and cnn.features(torch.rand(1, 3, 64, 96))[0].shape == (1, cnn.dim, 2, 3)
+
+
+def test_timm_teacher_without_weights_is_an_error_naming_the_key(tmp_path, caplog):
+    from distill.errors import MissingPathError, UserError
+
+    with pytest.raises(UserError, match=r"distill\.teachers\.main\.weights") as err:
+        load_teacher({"name": "main", "timm": "resnet10t"})
+    assert "'random'" in str(err.value)  # the message says how to ask for random weights
+    with pytest.raises(UserError, match=r"distill\.teachers\.<name>\.weights"):
+        load_teacher({"timm": "resnet10t", "weights": ""})
+    with pytest.raises(MissingPathError, match=r"nope\.safetensors.*distill\.teachers\.cnn\.weights"):
+        load_teacher({"name": "cnn", "timm": "resnet10t", "weights": str(tmp_path / "nope.safetensors")})
+    with caplog.at_level("WARNING", logger="teachers.timm_teacher"):
+        load_teacher({"name": "cnn", "timm": "resnet10t", "weights": "random"})
+    assert "random weights" in caplog.text  # asked for explicitly, and still said out loud
 
 
 def test_errors_name_the_problem(monkeypatch, tmp_path):
@@ -234,3 +249,29 @@ def test_a_trained_detector_is_a_teacher(tmp_path):
     torch.testing.assert_close(grid, taps["F5"])  # exactly the tap of the trained model, unnormalised input
     with pytest.raises(ValueError, match="valid"):
         load_teacher({"checkpoint": str(path), "tap": "F9"})
+
+
+def test_a_detector_teacher_takes_any_kind_of_weights(tmp_path):
+    from students import build_student, save_student
+    from students.checkpoint import CheckpointError
+    from students.errors import MissingPathError
+
+    student = build_student("deimv2_atto", num_classes=3, input_size=(160, 160)).eval()
+    images = torch.rand(1, 3, 160, 160)
+    with student.capture(["F5"]) as taps, torch.no_grad():
+        student(images)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"version": 1, "student": "deimv2_atto", "num_classes": 3, "model": student.state_dict()},
+               run / "checkpoints" / "best.pt")
+    torch.save({"ema": {"module": student.state_dict()}}, tmp_path / "official.pth")
+    save_student(student, tmp_path / "saved")
+    specs = [{"checkpoint": str(run)}, {"checkpoint": str(tmp_path / "saved")},
+             {"checkpoint": str(tmp_path / "official.pth"), "student": "deimv2_atto"}]
+    for spec in specs:
+        (grid,) = load_teacher({**spec, "tap": "F5"}).features(images)
+        torch.testing.assert_close(grid, taps["F5"], msg=str(spec))
+    with pytest.raises(CheckpointError, match=r"official\.pth does not record which student"):
+        load_teacher({"checkpoint": str(tmp_path / "official.pth")})
+    with pytest.raises(MissingPathError, match="train that run first"):
+        load_teacher({"checkpoint": str(tmp_path / "none" / "checkpoints" / "best.pt")})

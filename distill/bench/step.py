@@ -1,0 +1,380 @@
+"""The cost of one training step, plain against DSI and DSI + GAM, phase by phase (``distill bench step``).
+
+Three variants of the same student train on one fixed batch (synthetic images and boxes at the config's size, or
+one real batch of the config's data):
+
+    plain     no distillation
+    dsi       DSI with a static weight and no gradient measurement
+    dsi_gam   DSI with GAM on: the per-step gradient-share measurement of :meth:`distill.gam.GAM.measure`
+
+(The engine's static-weight runs measure the shares too, for the logs and ``distill calibrate``: per step they
+cost what ``dsi_gam`` costs.)
+
+Every variant is the engine's own :class:`distill.engine.TrainStep`, built on the engine's own pieces
+(TrainModel, criterion, AdamW groups, EMA, Distiller). Phases are timed from outside, by handing the step thin
+stand-ins that time the calls it makes (``criterion(...)``, ``accelerator.backward``, ``optimizer.step``, ...)
+and by forward hooks on the DSI projectors. The student weights never move: ``global_step`` is reset to 0 before
+each step, where the warm-up learning rate is 0, so each repeat does the same work on the same values (AdamW does
+its full update arithmetic at any learning rate).
+
+The variants run interleaved (:func:`distill.bench.timing.interleaved`); the report gives medians. The teacher
+forward is timed apart and left out of the step times and overheads (it is a fixed, separately tunable cost:
+``distill bench teacher``):
+
+    dsi_overhead      = (dsi_s - plain_s) / plain_s
+    dsi_gam_overhead  = (dsi_gam_s - plain_s) / plain_s
+    gam_overhead      = (dsi_gam_s - dsi_s) / plain_s          GAM on top of DSI, as a fraction of the plain step
+    gam_measure_share = median time of the measurement call / plain_s   (the direct figure; differences of
+                        medians are noisier than a 1% target)
+
+On CPU every figure is also given in process CPU time (``cpu``). Peak memory is the rise over one extra, untimed
+step per variant (:class:`distill.bench.timing.PeakMemory`). The variants share one student, EMA and teacher, so
+the figure is the step's working memory (activations, gradients, optimizer updates), not the footprint of the
+weights.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from distill.config import TrainConfig
+from distill.dsi import DistillConfig, Distiller, InjectionConfig
+from distill.engine import TrainModel, TrainStep, build_accelerator, seed_everything
+from distill.errors import UserError
+from distill.gam import SCALE_PRESETS, GAMConfig, gam_config_for
+
+from .timing import PeakMemory, PhaseClock, interleaved, release_free_memory, spread
+
+__all__ = ["PHASES", "VARIANTS", "build_variants", "default_distill", "measure_step", "random_teacher_dir",
+           "run_bench", "summarise", "synthetic_batch"]  # fmt: skip
+
+VARIANTS = ("plain", "dsi", "dsi_gam")
+# Reported phases, in step order. 'forward' is the student alone, 'dsi' the projectors, alignment losses and
+# their weighting; 'other' is what the step does between the timed calls (the finite-loss check, set_lr, ...).
+PHASES = ("forward", "dsi", "criterion", "backward", "clip", "gam", "optimizer", "ema", "other")
+DEFAULT_TEACHER_DIM = 768  # the channels of DINOv3 ViT-B/16, the RT-DETRv4 teacher: the projector's real width
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The batch
+# ---------------------------------------------------------------------------------------------------------------
+def synthetic_batch(
+    batch: int, size: int, num_classes: int, boxes: int = 8, seed: int = 0
+) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    """Images B x 3 x size x size in [0, 1] and per image ``boxes`` targets: ``labels`` int64 [n], ``boxes``
+    n x 4 normalised cxcywh (sides in [0.05, 0.5], inside the image), ``image_id``, ``orig_size`` (w, h).
+    The same arguments give the same tensors on any machine (own generator)."""
+    if batch < 1 or size < 32 or num_classes < 1 or boxes < 1:
+        raise ValueError(f"synthetic batch needs batch >= 1, size >= 32, num_classes >= 1, boxes >= 1; got "
+                         f"{batch}, {size}, {num_classes}, {boxes}")  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.rand(batch, 3, size, size, generator=gen)
+    targets = []
+    for i in range(batch):
+        wh = 0.05 + 0.45 * torch.rand(boxes, 2, generator=gen)
+        centre = wh / 2 + (1 - wh) * torch.rand(boxes, 2, generator=gen)
+        targets.append({
+            "labels": torch.randint(0, num_classes, (boxes,), generator=gen),
+            "boxes": torch.cat([centre, wh], dim=1),
+            "image_id": torch.tensor(i),
+            "orig_size": torch.tensor([size, size]),
+        })  # fmt: skip
+    return images, targets
+
+
+def real_batch(cfg: TrainConfig, batch: int, size: int) -> tuple[torch.Tensor, list[dict], int]:
+    """The first training batch of the config's data at epoch 0 (fixed size: no multi-scale), and its classes."""
+    from distill.data import build_dataloader, infer_num_classes, resolve_config
+    from distill.data.synth import prepare_synth
+
+    data_cfg = replace(resolve_config(prepare_synth(cfg.data)), batch_size=batch, img_size=size,
+                       num_workers=0, persistent_workers=False, base_size_repeat=None)  # fmt: skip
+    images, targets = next(iter(build_dataloader(data_cfg, "train")))
+    return images, [{k: (v.as_subclass(torch.Tensor) if torch.is_tensor(v) else v) for k, v in t.items()}
+                    for t in targets], cfg.model.num_classes or infer_num_classes(data_cfg)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The variants
+# ---------------------------------------------------------------------------------------------------------------
+class _Timed:
+    """Stands in for one object the step uses: the methods named in ``methods`` (``'__call__'`` for calling the
+    object itself) are timed as the given phase; every other attribute is the object's own."""
+
+    def __init__(self, target: Any, clock: PhaseClock, methods: dict[str, str]) -> None:
+        self._target, self._clock, self._methods = target, clock, methods
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._target, name)
+        phase = self._methods.get(name)
+        return value if phase is None else self._clock.timed(phase, value)
+
+    def __call__(self, *args, **kwargs):
+        return self._clock.timed(self._methods["__call__"], self._target)(*args, **kwargs)
+
+
+def default_distill(student_name: str, teacher_spec: str | dict) -> DistillConfig:
+    """One F5 injection (linear projector, cosine loss) from ``teacher_spec``; the RT-DETRv4 weight and GAM
+    settings of the student's scale when it has them (s/m/l/x), else weight 1 and the GAM defaults."""
+    scale = student_name.rsplit("_", 1)[-1]
+    if scale in SCALE_PRESETS:
+        weight, gam = SCALE_PRESETS[scale]["weight"], gam_config_for(scale, rule="official")
+    else:
+        weight, gam = 1.0, GAMConfig(enabled=True)
+    spec = teacher_spec if isinstance(teacher_spec, dict) else {"weights": teacher_spec}
+    return DistillConfig(teachers={"main": spec}, injections=[InjectionConfig(name="F5", tap="F5", weight=weight)],
+                         gam=gam)  # fmt: skip
+
+
+def random_teacher_dir(path: str, dim: int = DEFAULT_TEACHER_DIM) -> str:
+    """Save a random one-layer DINOv3 ViT-S/16-style model of width ``dim`` to ``path`` (save_pretrained)."""
+    import transformers as T
+
+    if dim < 8 or dim % 2:
+        raise UserError(f"--teacher-dim must be an even number >= 8, got {dim}")
+    heads = dim // 64 if dim % 64 == 0 else 2
+    config = T.DINOv3ViTConfig(hidden_size=dim, num_hidden_layers=1, num_attention_heads=heads,
+                               intermediate_size=dim, patch_size=16, num_register_tokens=4)  # fmt: skip
+    T.DINOv3ViTModel(config).save_pretrained(path)
+    return path
+
+
+def _with_teacher(distill: DistillConfig, spec: str | dict) -> DistillConfig:
+    """The config's injections, all pointed at one teacher ``spec`` named 'main'."""
+    spec = spec if isinstance(spec, dict) else {"weights": spec}
+    injections = [replace(inj, teacher="main") for inj in distill.injections]
+    return replace(distill, teachers={"main": spec}, injections=injections)
+
+
+def build_variants(
+    cfg: TrainConfig, num_classes: int, size: int, clock: PhaseClock
+) -> tuple[dict[str, TrainStep], Any]:
+    """variant name -> a :class:`TrainStep` over one shared student (and one shared EMA and teacher); and the
+    accelerator.
+
+    The DSI variant's Distiller gets only the student's tap metadata, so it builds no GAM and measures nothing;
+    the DSI + GAM variant gets the student itself and ``gam.enabled``. Each variant has its own TrainModel and
+    optimizer (the DSI ones also hold their projectors), prepared by Accelerate as in the engine.
+    """
+    from distill.ema import ModelEMA
+    from distill.optim import build_optimizer
+    from students import build_student
+    from students.criterion import build_criterion
+
+    # Step 0 of a warm-up has LR 0 (the bench resets the step counter before every step): keep a warm-up
+    cfg = replace(cfg, schedule=replace(cfg.schedule, warmup_iter=max(cfg.schedule.warmup_iter, 1)))
+    acc = build_accelerator(cfg)
+    student = build_student(cfg.model.student, num_classes=num_classes, pretrained=cfg.model.pretrained or None,
+                            input_size=(size, size)).to(acc.device)  # fmt: skip
+    student.train()
+    criterion = build_criterion(cfg.model.student, num_classes=num_classes, **cfg.loss).to(acc.device)
+    ema = ModelEMA(student, cfg.ema.decay, cfg.ema.warmups)
+    ema.module.to(acc.device)
+    static = replace(cfg.distill, gam=replace(cfg.distill.gam, enabled=False))
+    dsi = Distiller(static, student.taps, device=acc.device)
+    gam = Distiller(replace(cfg.distill, gam=replace(cfg.distill.gam, enabled=True)), student,
+                    teachers=dsi.teachers, device=acc.device)  # fmt: skip
+    timed_acc = _Timed(acc, clock, {"backward": "backward", "clip_grad_norm_": "clip", "unscale_gradients": "clip"})
+    steps = {}
+    for name, distiller in (("plain", None), ("dsi", dsi), ("dsi_gam", gam)):
+        injectors = distiller.injectors if distiller is not None else None
+        train_model = TrainModel(student, injectors)
+        optimizer = build_optimizer(train_model, cfg.optim)
+        model, optimizer = acc.prepare(train_model, optimizer)
+        if injectors is not None:
+            injectors.register_forward_pre_hook(lambda *_: clock.start("dsi_inject"))
+            injectors.register_forward_hook(lambda *_: clock.stop("dsi_inject"))
+            distiller = _Timed(distiller, clock, {"teacher_features": "teacher", "weigh": "dsi_weigh",
+                                                  "measure": "gam"})  # fmt: skip
+        steps[name] = TrainStep(
+            _Timed(model, clock, {"__call__": "forward"}),
+            _Timed(criterion, clock, {"__call__": "criterion"}),
+            _Timed(optimizer, clock, {"step": "optimizer", "zero_grad": "optimizer"}),
+            timed_acc,
+            student=student,
+            distiller=distiller,
+            ema=_Timed(ema, clock, {"update": "ema"}),
+            schedule=cfg.schedule,
+            iters_per_epoch=1000,
+            clip_max_norm=cfg.optim.clip_max_norm,
+        )
+    return steps, acc
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------------------------------------------
+def _phases(spans: dict[str, float], total: float) -> dict[str, float]:
+    """Raw spans of one step -> reported phases (seconds); 'forward' without the nested DSI projection."""
+    inject = spans.get("dsi_inject", 0.0)
+    out = {
+        "teacher": spans.get("teacher", 0.0),
+        "forward": spans.get("forward", 0.0) - inject,
+        "dsi": inject + spans.get("dsi_weigh", 0.0),
+        **{k: spans.get(k, 0.0) for k in ("criterion", "backward", "clip", "gam", "optimizer", "ema")},
+    }
+    out["other"] = total - sum(out.values())
+    return out
+
+
+def run_bench(steps: dict[str, TrainStep], images: torch.Tensor, targets: list[dict], clock: PhaseClock,
+              repeats: int, warmup: int, progress: Callable[[str], None] | None = None) -> tuple[dict[str, dict], str]:
+    """Interleaved steps of every variant: per variant the per-repeat step seconds (teacher included), phases
+    and peak memory rises; and the kind of memory figure (see :class:`PeakMemory`). ``progress`` gets one line
+    per repeat."""
+    device = images.device
+    memory = PeakMemory(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+
+    def call(step: TrainStep) -> Callable[[], Any]:
+        def run():
+            step.global_step = 0  # warm-up LR 0: the weights stay put and every repeat does the same work
+            clock.reset()
+            return step(images, targets, epoch=0)[1]
+
+        return run
+
+    names = list(steps)
+    samples: dict[str, dict[str, list]] = {
+        n: {"total": [], "phases": [], "cpu_total": [], "cpu_phases": [], "memory": []} for n in names
+    }
+    done: dict[str, str] = {}
+    calls = {n: call(steps[n]) for n in names}
+    for k, sample in enumerate(interleaved(calls, repeats, warmup, sync)):
+        if sample.result is None:
+            raise RuntimeError(f"bench step: variant {sample.name!r} gave a non-finite loss on the fixed batch")
+        if not sample.warmup:
+            kept = samples[sample.name]
+            kept["total"].append(sample.wall_s)
+            kept["phases"].append(_phases(clock.seconds(), sample.wall_s))
+            if not clock.cuda:
+                kept["cpu_total"].append(sample.cpu_s)
+                kept["cpu_phases"].append(_phases(clock.cpu_seconds(), sample.cpu_s))
+            done[sample.name] = f"{sample.wall_s:.3f}s"
+        if progress is not None and (k + 1) % len(names) == 0:  # the last variant of a repeat
+            tag = "warm-up" if sample.warmup else f"repeat {sample.repeat + 1}/{repeats}"
+            progress(f"bench step: {tag} {done if not sample.warmup else ''}".rstrip())
+    # Memory in a separate, untimed step per variant: handing the allocator's free pages back to the OS first
+    # makes the resident-set rise show the step's working memory, but would add page faults to a timed step.
+    for name in names:
+        steps[name].global_step = 0
+        release_free_memory()
+        memory.begin()
+        steps[name](images, targets, epoch=0)
+        if sync is not None:
+            sync()
+        samples[name]["memory"].append(memory.end())
+    return samples, memory.kind
+
+
+def _clock_summary(totals: list[float], phases: list[dict[str, float]]) -> dict[str, Any]:
+    """One variant, one clock: medians of the step without the teacher, of each phase, and the phase shares."""
+    step = [t - p["teacher"] for t, p in zip(totals, phases)]
+    return {
+        "step_s": statistics.median(step),
+        "step_with_teacher_s": statistics.median(totals),
+        "phases_s": {k: statistics.median(p[k] for p in phases) for k in ("teacher", *PHASES)},
+        # per-step fractions, then their median: robust to a step slowed as a whole by the machine
+        "shares": {k: statistics.median(p[k] / t for p, t in zip(phases, step)) for k in PHASES},
+        "steps_s": step,
+    }
+
+
+def _overheads(v: dict[str, dict], samples: dict, phase_key: str) -> dict[str, float]:
+    plain, dsi, dsi_gam = v["plain"]["step_s"], v["dsi"]["step_s"], v["dsi_gam"]["step_s"]
+    teacher = statistics.median([p["teacher"] for n in ("dsi", "dsi_gam") for p in samples[n][phase_key]])
+    return {
+        "plain_s": plain, "dsi_s": dsi, "dsi_gam_s": dsi_gam, "teacher_s": teacher,
+        "dsi_overhead": (dsi - plain) / plain,
+        "dsi_gam_overhead": (dsi_gam - plain) / plain,
+        "gam_overhead": (dsi_gam - dsi) / plain,
+        "gam_measure_share": v["dsi_gam"]["phases_s"]["gam"] / plain,
+        "dsi_phase_share": v["dsi"]["phases_s"]["dsi"] / plain,
+        "teacher_ratio": teacher / plain,
+        # run-to-run noise of the plain step (interquartile range / median): overheads below it are not resolved
+        "plain_spread": spread(v["plain"]["steps_s"]),
+    }  # fmt: skip
+
+
+def summarise(samples: dict, batch: int, memory_kind: str = "") -> dict[str, Any]:
+    """Medians, shares, images/s and the overheads (fractions of the plain step; the teacher excluded), in wall
+    time; on CPU the same figures in process CPU time under ``cpu``."""
+    wall = {n: _clock_summary(samples[n]["total"], samples[n]["phases"]) for n in VARIANTS}
+    for n, v in wall.items():
+        v["images_per_s"] = batch / v["step_s"]
+        v["peak_memory_mb"] = max(samples[n]["memory"]) / 2**20
+    out: dict[str, Any] = {"variants": wall, **_overheads(wall, samples, "phases")}
+    out["images_per_s"] = batch / out["plain_s"]
+    out["memory_kind"] = memory_kind
+    out["cpu"] = None
+    if all(samples[n]["cpu_total"] for n in VARIANTS):
+        cpu = {n: _clock_summary(samples[n]["cpu_total"], samples[n]["cpu_phases"]) for n in VARIANTS}
+        out["cpu"] = {"variants": cpu, **_overheads(cpu, samples, "cpu_phases")}
+    return out
+
+
+def _load() -> str:
+    return "/".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
+def _uses_cuda(cfg: TrainConfig) -> bool:
+    return cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+
+
+def measure_step(cfg: TrainConfig, *, batch: int = 2, size: int = 0, repeats: int = 5, warmup: int = 1,
+                 boxes: int = 8, num_classes: int = 0, teacher: str = "", teacher_dim: int = DEFAULT_TEACHER_DIM,
+                 real: bool = False, seed: int = 0,
+                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The whole benchmark for a loaded training config: :func:`summarise`'s figures plus ``setup`` (what was
+    measured, and the load average before and after).
+
+    ``size`` 0 is the config's ``img_size``; ``num_classes`` 0 is the model's, else the data's, else 80 (with
+    ``real``: the dataset's); ``teacher`` replaces the config's teachers; without it and without distillation
+    in the config, a random one-layer DINOv3 ViT of width ``teacher_dim`` is the teacher.
+    """
+    if batch < 1 or repeats < 1 or warmup < 0:
+        raise UserError(f"--batch and --repeats must be >= 1 and --warmup >= 0; got {batch}, {repeats}, {warmup}")
+    size = size or cfg.data.img_size
+    if size % 32:
+        raise UserError(f"--size must be a multiple of 32 (the students' largest stride), got {size}")
+    cfg = replace(cfg, grad_accum=1)
+    seed_everything(seed)
+    load_start = _load()
+    with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
+        teacher_desc = "from the config"
+        if teacher:
+            base = cfg.distill if cfg.distill.enabled else default_distill(cfg.model.student, teacher)
+            cfg = replace(cfg, distill=_with_teacher(base, teacher))
+            teacher_desc = teacher
+        elif not cfg.distill.enabled:
+            path = random_teacher_dir(os.path.join(tmp, "teacher"), teacher_dim)
+            cfg = replace(cfg, distill=default_distill(cfg.model.student, path))
+            teacher_desc = f"random 1-layer DINOv3 ViT, {teacher_dim}-d"
+        if real:
+            images, targets, classes = real_batch(cfg, batch, size)
+        else:
+            classes = num_classes or cfg.model.num_classes or cfg.data.num_classes or 80
+            images, targets = synthetic_batch(batch, size, classes, boxes, seed)
+        if num_classes:
+            classes = num_classes
+        clock = PhaseClock(torch.device("cuda") if _uses_cuda(cfg) else torch.device("cpu"))
+        steps, acc = build_variants(cfg, classes, size, clock)
+        images = images.to(acc.device)
+        targets = [{k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        samples, memory_kind = run_bench(steps, images, targets, clock, repeats, warmup, progress=progress)
+    result = summarise(samples, batch, memory_kind)
+    result["setup"] = {
+        "student": cfg.model.student, "num_classes": classes, "batch": batch, "size": size, "repeats": repeats,
+        "warmup": warmup, "device": str(acc.device),
+        "precision": {"no": "fp32"}.get(acc.mixed_precision, acc.mixed_precision),
+        "threads": torch.get_num_threads(), "batch_source": "real" if real else "synthetic",
+        "teacher": teacher_desc, "load_start": load_start, "load_end": _load(),
+    }  # fmt: skip
+    return result

@@ -1,0 +1,200 @@
+"""``distill bench data|step|teacher|infer``: the benchmarks of :mod:`distill.bench`, as tables or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from distill.errors import UserError
+from distill.tables import format_table
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+# -- distill bench data ------------------------------------------------------------------------------------------
+def data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("One worker's throughput per stage of the DataAug scheduler (one epoch inside each), then the "
+                     "mean ms per image of every transform (decode included).")  # fmt: skip
+    parser.add_argument("config", nargs="?", help="YAML whose data: section is a DataConfig")
+    parser.add_argument("--data", help="dataset directory (data synth / COCO layout)")
+    parser.add_argument("-n", type=int, default=64, help="samples per stage")
+    parser.add_argument("--img-size", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--preset", default=None)
+
+
+def data(args: argparse.Namespace) -> int:
+    from distill.bench.data import OP_ORDER, bench
+    from distill.data.config import load_data_config
+    from distill.data.transforms import STAGES
+
+    if not args.config and not args.data:
+        raise UserError("give CONFIG or --data DIR")
+    cfg = load_data_config(args.config, args.data, img_size=args.img_size, batch_size=args.batch_size,
+                           preset=args.preset)  # fmt: skip
+    res = bench(cfg, args.n)
+    ops = [op for op in OP_ORDER if any(f"ms/{op}" in r for r in res.values())]
+    rows = [[stage, int(r["epoch"]), f"{r['images_per_s']:.1f}",
+             *(f"{r[f'ms/{op}']:.2f}" if f"ms/{op}" in r else "-" for op in ops)]
+            for stage, r in ((s, res[s]) for s in STAGES if s in res)]  # fmt: skip
+    print(f"training pipeline, one worker, img_size {cfg.img_size}, batch {cfg.batch_size}, {args.n} samples/stage")
+    print(format_table(rows, ["stage", "epoch", "img/s", *ops]))
+    print("(per-transform columns: mean ms per image; an op that a stage skips shows '-')")
+    return 0
+
+
+# -- distill bench step ------------------------------------------------------------------------------------------
+def step_arguments(parser: argparse.ArgumentParser) -> None:
+    from distill.bench.step import DEFAULT_TEACHER_DIM
+
+    parser.epilog = ("Times the engine's own training step, plain against DSI and DSI + GAM, interleaved, phase by "
+                     "phase; see distill/bench/step.py for what each figure means.")  # fmt: skip
+    parser.add_argument("config", help="training YAML (e.g. experiments/students/deim_dfine_s.yaml)")
+    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value (e.g. mixed_precision=no)")
+    parser.add_argument("--batch", type=int, default=2, help="images per step (default 2)")
+    parser.add_argument("--size", type=int, default=0, help="square input size (default: the config's img_size)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant (default 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first (default 1)")
+    parser.add_argument("--boxes", type=int, default=8, help="objects per synthetic image (default 8)")
+    parser.add_argument("--num-classes", type=int, default=0,
+                        help="classes (default: model.num_classes, else data.num_classes, else 80)")
+    parser.add_argument("--teacher", default="",
+                        help="teacher spec for load_teacher (preset, hub id, local dir, .pth); replaces the "
+                             "config's teachers. Default: the config's, else a random 1-layer DINOv3 ViT")
+    parser.add_argument("--teacher-dim", type=int, default=DEFAULT_TEACHER_DIM,
+                        help=f"width of the default random teacher (default {DEFAULT_TEACHER_DIM}, as ViT-B)")
+    parser.add_argument("--real", action="store_true", help="time one real batch of the config's training data")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _percent(value: float | None) -> str:
+    return "n/a (one repeat)" if value is None else f"{100 * value:.1f}%"
+
+
+def step_report(result: dict[str, Any]) -> str:
+    """The :func:`distill.bench.step.measure_step` result as text: setup, a table of the variants, overheads."""
+    from distill.bench.step import PHASES, VARIANTS
+
+    info = result["setup"]
+    rows = [[name, f"{v['step_s']:.4f}", f"{v['images_per_s']:.2f}", f"{v['peak_memory_mb']:.0f}",
+             *(f"{100 * v['shares'][p]:.1f}%" for p in PHASES)]
+            for name, v in ((n, result["variants"][n]) for n in VARIANTS)]  # fmt: skip
+    lines = [
+        f"train step of {info['student']} ({info['num_classes']} classes), batch {info['batch']} at "
+        f"{info['size']}x{info['size']}, {info['device']} {info['precision']}, {info['threads']} thread(s), "
+        f"{info['batch_source']} batch; median of {info['repeats']} interleaved repeats after {info['warmup']} "
+        f"warm-up; teacher {info['teacher']}",
+        f"load average {info['load_start']} at start, {info['load_end']} at end",
+        "",
+        format_table(rows, ["variant", "step s", "img/s", "peak MB", *PHASES]),
+        "",
+        f"DSI overhead, teacher excluded: {100 * result['dsi_overhead']:+.2f}% of the plain step "
+        f"(projector + loss phase alone: {100 * result['dsi_phase_share']:.2f}%; target <= 2%)",
+        f"GAM overhead on top of DSI:     {100 * result['gam_overhead']:+.2f}% of the plain step "
+        f"(measurement call alone: {100 * result['gam_measure_share']:.2f}%; target <= 1%)",
+        f"DSI + GAM overhead:             {100 * result['dsi_gam_overhead']:+.2f}% of the plain step",
+        f"run-to-run spread of the plain step (IQR / median): {_percent(result['plain_spread'])}; step "
+        "differences below it are noise, the phase figures in brackets are timed directly",
+        f"teacher forward: {result['teacher_s']:.4f} s = {result['teacher_ratio']:.2f}x the plain step "
+        "(not in the figures above)",
+        f"peak memory: {result['memory_kind']}",
+    ]
+    cpu = result.get("cpu")
+    if cpu:
+        lines += [
+            "",
+            "in process CPU time (the work done; steadier than wall time on a shared machine):",
+            f"  step s: plain {cpu['plain_s']:.4f}, dsi {cpu['dsi_s']:.4f}, dsi_gam {cpu['dsi_gam_s']:.4f}, "
+            f"teacher {cpu['teacher_s']:.4f}",
+            f"  DSI overhead {100 * cpu['dsi_overhead']:+.2f}% (phase {100 * cpu['dsi_phase_share']:.2f}%), "
+            f"GAM on top {100 * cpu['gam_overhead']:+.2f}% (measurement {100 * cpu['gam_measure_share']:.2f}%), "
+            f"DSI + GAM {100 * cpu['dsi_gam_overhead']:+.2f}%; spread {_percent(cpu['plain_spread'])}",
+            "  shares of the plain step: "
+            + ", ".join(f"{p} {100 * cpu['variants']['plain']['shares'][p]:.1f}%" for p in PHASES),
+        ]
+    return "\n".join(lines)
+
+
+def step(args: argparse.Namespace) -> int:
+    import torch
+
+    from distill.bench.step import measure_step
+    from distill.config import load_config
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = load_config(args.config, list(args.overrides))
+    result = measure_step(
+        cfg, batch=args.batch, size=args.size, repeats=args.repeats, warmup=args.warmup, boxes=args.boxes,
+        num_classes=args.num_classes, teacher=args.teacher, teacher_dim=args.teacher_dim, real=args.real,
+        seed=args.seed, progress=_progress,
+    )  # fmt: skip
+    result["setup"] = {"config": args.config, "overrides": list(args.overrides), **result["setup"]}
+    print(json.dumps(result, indent=1) if args.json else step_report(result))
+    return 0
+
+
+# -- distill bench teacher ---------------------------------------------------------------------------------------
+def teacher_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", help="preset name, hub id, local directory, DINOv3 .pth, or an inline dict")
+    parser.add_argument("--student-size", type=int, default=640)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--policies", nargs="+", default=["match", "native"])
+    parser.add_argument("--precisions", nargs="+", default=None, help="default: fp32 bf16 (+ fp16 on GPU)")
+    parser.add_argument("--device", default=None, help="default: cuda when torch sees a GPU, else cpu")
+    parser.add_argument("--json", action="store_true")
+
+
+def teacher(args: argparse.Namespace) -> int:
+    import torch
+
+    from distill.bench.teacher import bench_teacher
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    name, rows = bench_teacher(args.spec, args.student_size, args.batch, args.repeats, args.policies,
+                               args.precisions, device)  # fmt: skip
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    print(f"teacher {name} on {device}, student {args.student_size}px, batch {args.batch}")
+    print(format_table([[r["policy"], r["precision"], "x".join(map(str, r["teacher_input"])), f"{r['median_s']:.3f}",
+                         f"{r['images_per_s']:.2f}"] for r in rows],
+                       ["policy", "precision", "input", "median s", "img/s"]))  # fmt: skip
+    return 0
+
+
+# -- distill bench infer -----------------------------------------------------------------------------------------
+def infer_arguments(parser: argparse.ArgumentParser) -> None:
+    from distill.bench.infer import DEFAULT_SCALES
+
+    parser.epilog = ("Batch-1 latency of randomly initialised, deployed students: PyTorch eager and ONNX Runtime, "
+                     "timed interleaved; median, 90th percentile and images/s.")  # fmt: skip
+    parser.add_argument("--scales", nargs="+", default=list(DEFAULT_SCALES), metavar="NAME",
+                        help=f"student scales (default: {' '.join(DEFAULT_SCALES)})")
+    parser.add_argument("--repeats", type=int, default=30, help="timed calls per runtime (default 30)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed calls per runtime first (default 5)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for both runtimes (default: torch's)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto = CPU, plus the GPU when one is present")
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+
+
+def infer(args: argparse.Namespace) -> int:
+    from distill.bench.infer import bench_infer
+
+    rows = bench_infer(args.scales, args.device, args.repeats, args.warmup, args.threads, progress=_progress)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    cells = [[r["name"], "x".join(map(str, r["input_size"])), r["device"], r["runtime"],
+              *([f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['images_per_s']:.1f}"] if "error" not in r
+                else ["-", "-", r["error"]])] for r in rows]  # fmt: skip
+    print(format_table(cells, ["scale", "input", "device", "runtime", "median ms", "p90 ms", "img/s"]))
+    return 0
