@@ -17,7 +17,7 @@ import difflib
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -25,7 +25,7 @@ from students.registry import STUDENTS
 
 from .data.config import DataConfig
 from .dsi import DistillConfig
-from .yamlconf import ConfigError, apply_overrides, build, load_yaml, merge, read_config, to_dict
+from .yamlconf import ConfigError, Retired, apply_overrides, build, load_yaml, merge, read_config, to_dict
 
 __all__ = [
     "ConfigError",
@@ -147,6 +147,12 @@ class EMAConfig:
 
 @dataclass
 class TrainConfig:
+    RETIRED: ClassVar[dict[str, Retired]] = {
+        # every config.yaml saved before log_with existed says `tensorboard: false`: those still load
+        "tensorboard": Retired("experiment trackers are chosen by the list log_with: write "
+                               "`log_with: [tensorboard]` (or wandb, mlflow) instead", harmless=(False,)),
+    }
+
     output_dir: str = "runs/default"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -158,7 +164,14 @@ class TrainConfig:
     max_nonfinite: int = 10  # consecutive non-finite losses before the run stops (after saving)
     max_steps_per_epoch: int = 0  # optimizer steps; 0 = the whole loader; >0 for smoke runs and tests
     deterministic: bool = False
-    tensorboard: bool = False
+    # speed options (distill.speed): none changes the arithmetic beyond float rounding
+    channels_last: bool = True  # student weights and batch in NHWC: oneDNN convolutions skip their reorders
+    compile: bool = False  # torch.compile the backbone + encoder; compiled once per run, before the first step
+    fused_optimizer: bool = True  # AdamW's fused kernel
+    # experiment trackers through Accelerate (the `trackers` extra): every metrics.jsonl value per epoch, the
+    # resolved config as hyperparameters; the run is named after output_dir's last part (distill.trackers)
+    log_with: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=list)
+    tracker_project: str = "rtdistill"  # W&B project / MLflow experiment; TensorBoard: output_dir/tensorboard/
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -171,6 +184,8 @@ class TrainConfig:
         for name in ("grad_accum", "eval_every", "log_interval", "max_nonfinite"):
             _need(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
         _need(self.max_steps_per_epoch >= 0, f"max_steps_per_epoch={self.max_steps_per_epoch} must be >= 0")
+        _need(len(set(self.log_with)) == len(self.log_with), f"log_with={self.log_with} names a tracker twice")
+        _need(bool(self.tracker_project.strip()) or not self.log_with, "tracker_project must not be empty")
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:

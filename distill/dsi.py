@@ -112,7 +112,7 @@ class TeacherConfig:
     Attributes:
         name: display name ("" = the preset, or the key in ``distill.teachers``).
         preset / weights / timm / checkpoint: where the weights come from (a preset name; a hub id, directory or
-            DINOv3 ``.pth``; a timm model name, with ``weights`` optional; a detector checkpoint of ours).
+            DINOv3 ``.pth``; a timm model name, with ``weights`` a file or ``random``; a detector checkpoint of ours).
         student: the scale of a ``checkpoint`` that does not record it (an official ``.pth``).
         tap: the detector teacher's tap (``checkpoint`` teachers only).
         layers: indices of the hidden layers returned (foundation-model teachers).

@@ -26,14 +26,24 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import trackers
 from .config import TrainConfig, load_config, save_config, to_dict
 from .data import to_device
 from .ema import ModelEMA
-from .errors import MissingPathError
+from .errors import MissingPathError, UserError
 from .evaluator import evaluate
 from .optim import build_optimizer
 from .rundir import RunDir
 from .schedule import set_lr
+from .speed import (
+    SpeedOptions,
+    batch_to,
+    compile_student,
+    load_optimizer_state,
+    optimizer_kwargs,
+    prepare_student,
+    warm_up,
+)
 
 CHECKPOINT_VERSION = 1
 
@@ -125,6 +135,55 @@ def atomic_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
+# Preemption under a cluster launcher (distill.grid.cluster sets the variable for the processes it starts).
+PREEMPT_SIGNAL_ENV = "DISTILL_PREEMPT_SIGNAL"
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped on request, to be resumed
+
+
+class _ExitOnPreemptSignal:
+    """While a run trains, the signal named by ``$DISTILL_PREEMPT_SIGNAL`` (``USR2``: the scheduler's warning before
+    a preemption or the time limit) ends this process at once with status :data:`PREEMPTED_EXIT` and one line
+    saying where the run stands; without the variable nothing changes.
+
+    Nothing is saved on the way out, on purpose: ``last.pt`` is written atomically at every epoch end and a resume
+    replays the interrupted epoch exactly, so stopping anywhere costs only the epoch in progress. A mid-epoch save
+    would have to hold the data position, every rank's RNG streams and the epoch's loss sums to stay exact.
+    Forked data-loader workers inherit the handler and ignore the signal: their parent's exit ends them."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        import signal
+        import threading
+
+        self.signal, self.trainer, self.owner, self.previous = signal, trainer, os.getpid(), None
+        name = os.environ.get(PREEMPT_SIGNAL_ENV, "")
+        # handlers can only be set from the main thread; a run started from another thread keeps the default
+        self.signum = None
+        if name and threading.current_thread() is threading.main_thread():
+            self.signum = getattr(signal, name if name.startswith("SIG") else f"SIG{name}", None)
+            if not isinstance(self.signum, signal.Signals):
+                raise ValueError(f"${PREEMPT_SIGNAL_ENV}={name!r} names no signal (e.g. USR2)")
+
+    def _stop(self, signum: int, frame) -> None:
+        if os.getpid() != self.owner:
+            return
+        # epochs run in order and a resume restores the history, so its length is the epoch in progress
+        epoch = len(self.trainer.history)
+        if self.trainer.main:
+            held = f"epoch {epoch - 1}" if epoch else "no epoch yet"
+            print(f"stopped by {self.signal.Signals(signum).name} during epoch {epoch}: checkpoints/last.pt holds "
+                  f"{held}; a resume replays epoch {epoch}", file=sys.stderr, flush=True)  # fmt: skip
+        sys.stdout.flush()
+        os._exit(PREEMPTED_EXIT)  # at once: no finalizer may wait on a collective whose peers are gone
+
+    def __enter__(self) -> None:
+        if self.signum is not None:
+            self.previous = self.signal.signal(self.signum, self._stop)
+
+    def __exit__(self, *exc) -> None:
+        if self.signum is not None:
+            self.signal.signal(self.signum, self.previous)
+
+
 class _Progress:
     """A tqdm bar on a terminal; plain log lines (every ``interval`` steps) elsewhere."""
 
@@ -156,15 +215,13 @@ class _Progress:
 # ---------------------------------------------------------------------------------------------------------------
 def build_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
 
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     return Accelerator(
         cpu=cpu,
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum,
-        log_with="tensorboard" if cfg.tensorboard else None,
-        project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=cfg.output_dir),
+        **trackers.accelerator_kwargs(cfg.log_with, cfg.output_dir),
     )
 
 
@@ -175,6 +232,9 @@ def build_data(cfg: TrainConfig):
     from .evaluator import build_evaluator
 
     data_cfg = resolve_config(prepare_synth(cfg.data))  # batches in [0, 1]: the student normalises its own input
+    if data_cfg.pin_memory is None:  # pinned pages let the non-blocking copy to a GPU overlap compute
+        data_cfg = replace(data_cfg, pin_memory=cfg.device == "cuda" or (cfg.device == "auto" and
+                                                                          torch.cuda.is_available()))
     train_loader = build_dataloader(data_cfg, "train")
     val_loader = build_dataloader(data_cfg, "val")
     found = infer_num_classes(data_cfg)
@@ -313,16 +373,25 @@ class Trainer:
         self.student = build_student(
             cfg.model.student, num_classes=self.num_classes, pretrained=pretrained, input_size=size
         )
+        self.speed = SpeedOptions.from_config(cfg)
+        prepare_student(self.student, self.speed)
         self.criterion = build_criterion(cfg.model.student, num_classes=self.num_classes, **cfg.loss)
         self.distiller = build_distiller(cfg, self.student, acc.device)
         injectors = self.distiller.injectors if self.distiller is not None else None
         self.train_model = TrainModel(self.student, injectors)
-        self.optimizer = build_optimizer(self.train_model, cfg.optim)
+        self.optimizer = build_optimizer(self.train_model, cfg.optim, **optimizer_kwargs(self.speed, acc.device))
         self.model, self.optimizer = acc.prepare(self.train_model, self.optimizer)
         self.criterion.to(acc.device)
         self.ema = ModelEMA(self.student, cfg.ema.decay, cfg.ema.warmups) if cfg.ema.enabled else None
         if self.ema is not None:
             self.ema.module.to(acc.device)
+        if self.speed.compile:  # after the EMA's deep copy, which must not share the compiled code
+            regions = compile_student(self.student, self.speed)
+            seconds = warm_up(self.student, self.data_cfg.batch_size, self.data_cfg.img_size, acc.device,
+                              acc.autocast)  # fmt: skip
+            if self.main:
+                print(f"torch.compile: backbone + encoder ({len(regions)} modules) compiled in {seconds:.0f} s, once "
+                      f"for this run ({'dynamic sizes' if self.speed.dynamic else 'fixed size'})", flush=True)
         self.iters_per_epoch = self._iters_per_epoch()
         self.step = TrainStep(
             self.model, self.criterion, self.optimizer, acc, student=self.student, distiller=self.distiller,
@@ -356,9 +425,9 @@ class Trainer:
 
     def _restore(self, ckpt: dict) -> None:
         if ckpt.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"checkpoint version {ckpt.get('version')} is not {CHECKPOINT_VERSION}")
+            raise UserError(f"checkpoint version {ckpt.get('version')} is not {CHECKPOINT_VERSION}")
         self.train_model.load_state_dict(ckpt["train_model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(self.optimizer, ckpt["optimizer"])  # this run's AdamW kernel and memory layout
         if self.ema is not None and "ema" in ckpt:
             self.ema.load_state_dict(ckpt["ema"])
         scaler = getattr(self.accelerator, "scaler", None)
@@ -428,6 +497,7 @@ class Trainer:
             if batch_index >= max_batches:
                 break
             images, targets = to_device(images, targets, acc.device)
+            images = batch_to(images, self.speed)
             try:
                 losses, total = self.step(images, targets, epoch)
             except torch.OutOfMemoryError as err:
@@ -491,7 +561,10 @@ class Trainer:
             with open(os.path.join(self.run_dir, "metrics.jsonl"), "w") as f:  # the history so far (resume)
                 f.writelines(json.dumps(r) + "\n" for r in self.history)
         try:
-            return self._fit()
+            trackers.start(self.accelerator, self.cfg.log_with, self.cfg.tracker_project, self.run_dir,
+                           to_dict(self.cfg))
+            with _ExitOnPreemptSignal(self):
+                return self._fit()
         finally:
             self.close()
 
@@ -535,8 +608,8 @@ class Trainer:
                 with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
                     f.write(json.dumps(self.history[-1]) + "\n")
                 self._print_epoch(record)
-            if cfg.tensorboard:
-                acc.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=epoch)
+            if cfg.log_with:
+                acc.log(trackers.epoch_values(self.history[-1]), step=epoch)
             acc.wait_for_everyone()
         return self._finish()
 

@@ -37,8 +37,10 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     return groups
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+def build_optimizer(model: nn.Module, cfg: OptimConfig, **kernel: bool) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups`; ``kernel``: AdamW's ``fused`` / ``foreach`` choice (distill.speed)."""
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                            **kernel)  # fmt: skip
     for group in opt.param_groups:
         group["initial_lr"] = group["lr"]  # the schedule scales from each group's own base LR
     return opt

@@ -11,7 +11,11 @@ Accepted sources (:func:`read_weights`), everywhere a checkpoint is taken (``mod
   stripped) or the directory holding it;
 * ``best.pt`` / ``last.pt`` written by ``distill train`` (the EMA weights where saved; the scale, classes and
   training size recorded beside them), or a run directory (its ``checkpoints/best.pt``);
-* a directory written by :func:`save_student` (``config.json`` + ``model.safetensors``);
+* a directory written by :func:`save_student` (``config.json`` + ``model.safetensors``), such as the Hub-ready
+  directory of ``distill.hub.save_hub_dir`` (its ``config.json`` also records the class names);
+* a Hugging Face Hub model id (``owner/name``, ``owner/name@revision`` or ``hf://owner/name``) of any directory
+  above, fetched with ``huggingface_hub.snapshot_download`` (the cache, ``HF_TOKEN`` and ``HF_HUB_OFFLINE`` are
+  huggingface_hub's); a path that exists locally always wins over a Hub id;
 * an in-memory dict of any of the above.
 
 Files are read with ``torch.load(..., weights_only=True)``: a checkpoint holding pickled objects is refused.
@@ -30,6 +34,7 @@ import json
 import logging
 import os
 import pickle
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +62,11 @@ SET_ASIDE = ("encoder.feature_projector.",)
 # what a `distill train` checkpoint records besides its weights, kept in Weights.meta
 META_KEYS = ("version", "epoch", "global_step", "config", "metrics", "best")
 _WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
+HUB_PREFIX = "hf://"
+# owner/name[@revision] as the Hub spells repository ids; a checkpoint file name never looks like this
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@(?P<revision>[\w./-]+))?$")
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors", ".bin", ".ckpt", ".yaml", ".yml", ".json")
+_HUB_FILES = ["*.safetensors", "*.json", "*.md"]
 _MAX_LISTED = 40
 
 
@@ -130,8 +140,52 @@ class LoadReport:
 
 
 # ---- reading -----------------------------------------------------------------------------------------------------
+def hub_id(source: str | os.PathLike) -> tuple[str, str | None] | None:
+    """``(repo_id, revision)`` when ``source`` names a Hugging Face Hub model rather than a local path: always for
+    ``hf://owner/name[@rev]``; for ``owner/name[@rev]`` only when no such path exists here and the last part has no
+    checkpoint suffix (``runs/best.pt`` is a missing file, not a model id). None otherwise."""
+    text = os.fspath(source)
+    explicit = text.startswith(HUB_PREFIX)
+    if explicit:
+        text = text[len(HUB_PREFIX) :]
+    elif os.path.exists(text) or text.lower().endswith(_WEIGHT_SUFFIXES):
+        return None
+    match = _HUB_ID.match(text)
+    if match is None:
+        if explicit:
+            raise CheckpointError(f"{source}: not a Hub model id (hf://owner/name or hf://owner/name@revision)")
+        return None
+    return match["repo"], match["revision"]
+
+
+def download_hub(repo_id: str, revision: str | None = None) -> Path:
+    """The local snapshot of the Hub model ``repo_id`` (weights, JSON and the model card only), through
+    ``huggingface_hub.snapshot_download``; any failure is a :class:`CheckpointError` saying why."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    where = repo_id + (f"@{revision}" if revision else "")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_FILES))
+    except LocalEntryNotFoundError as err:
+        # raised offline (HF_HUB_OFFLINE=1) or without a connection when the snapshot is not in the local cache
+        raise CheckpointError(f"{where}: no such local path, and the Hugging Face Hub model {repo_id!r} is not in "
+                              "the local Hub cache and cannot be downloaded (HF_HUB_OFFLINE=1 or no connection)"
+                              ) from err
+    except RepositoryNotFoundError as err:
+        raise CheckpointError(f"{where}: no such local path, and no Hugging Face Hub model {repo_id!r} (or it is "
+                              "private: log in with `hf auth login` or set HF_TOKEN)") from err
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        raise CheckpointError(f"{where}: no such local path, and the Hugging Face Hub model {repo_id!r} could not "
+                              f"be fetched: {type(err).__name__}: {err}") from err
+
+
 def resolve_source(path: str | os.PathLike) -> Path:
-    """The file or directory that holds the weights ``path`` names: a run directory means its ``best.pt``."""
+    """The file or directory that holds the weights ``path`` names: a run directory means its ``best.pt``, a Hub
+    model id its downloaded snapshot (see :func:`hub_id`)."""
+    hub = hub_id(path)
+    if hub is not None:
+        path = download_hub(*hub)
     path = Path(path)
     if path.is_dir():
         if (path / WEIGHTS_NAME).is_file():
@@ -191,8 +245,8 @@ def _from_directory(path: Path) -> Weights:
         return Weights(str(path), "safetensors dir", state)
     size = config.get("input_size")
     return Weights(str(path), "saved student", state, student=config.get("name") or None,
-                   num_classes=config.get("num_classes"), input_size=tuple(size) if size else None,
-                   deployed=bool(config.get("deployed")))
+                   num_classes=config.get("num_classes"), class_names=list(config.get("class_names") or []),
+                   input_size=tuple(size) if size else None, deployed=bool(config.get("deployed")))
 
 
 def _from_checkpoint(ckpt: Mapping, where: str) -> Weights:

@@ -216,9 +216,11 @@ class DEIMCriterion(nn.Module):
         num_boxes = norms[0]
         num_boxes_go = norms[1] if use_go else num_boxes
 
-        gather = _Gatherer(targets, device)
+        dn_idx = self._dn_indices(outputs["dn_meta"], targets) if "dn_outputs" in outputs else None
         n_layers = len(layer_idx)
-        matches = gather.many([main_idx] + layer_idx + enc_idx + ([go_idx] if use_go else []))
+        matches = _Gatherer(targets, device).many([main_idx] + layer_idx + enc_idx + ([go_idx] if use_go else []),
+                                                  denoising=dn_idx)  # fmt: skip
+        dn = matches.pop() if dn_idx is not None else None
         main, layer_matches = matches[0], matches[1 : 1 + n_layers]
         enc_matches = matches[1 + n_layers : 1 + n_layers + len(enc_idx)]
         go = matches[-1] if use_go else None
@@ -245,9 +247,7 @@ class DEIMCriterion(nn.Module):
             result.update(self._output_losses(enc, picker(enc_matches[i], ("boxes",)), ctx, f"_enc_{i}"))
 
         if "dn_outputs" in outputs:
-            meta = outputs["dn_meta"]
-            dn = gather(self._dn_indices(meta, targets))
-            dn_norm = num_boxes * meta["dn_num_group"]
+            dn_norm = num_boxes * outputs["dn_meta"]["dn_num_group"]
 
             def pick_dn(loss: str):
                 return dn, dn_norm
@@ -377,23 +377,23 @@ class _Gatherer:
     def _match(self, batch_idx: torch.Tensor, query_idx: torch.Tensor, gt_idx: torch.Tensor) -> _Match:
         return _Match(batch_idx, query_idx, self.labels[gt_idx], self.boxes[gt_idx], int(batch_idx.numel()))
 
-    def many(self, index_sets: list[Indices]) -> list[_Match]:
-        """Host matchings (from the matcher) -> device matches, with a single host-to-device copy."""
-        packed = []
+    def many(self, index_sets: list[Indices], denoising: Indices | None = None) -> list[_Match]:
+        """Host matchings (from the matcher) -> device matches, with a single host-to-device copy. ``denoising``:
+        the known dn pairs, whose query indices already live on the device; their host rows ride in the same copy
+        and their match comes last."""
+        rows = []
         for indices in index_sets:
             image_of, gt_idx = self._host_rows(indices)
-            queries = torch.cat([q.long() for q, _ in indices] + [torch.zeros(0, dtype=torch.int64)])
-            packed.append(torch.stack([image_of, queries, gt_idx]))
-        lengths = [p.shape[1] for p in packed]
-        on_device = torch.cat(packed, 1).to(self.device, non_blocking=True)
-        return [self._match(*block.unbind(0)) for block in on_device.split(lengths, 1)]
-
-    def __call__(self, indices: Indices) -> _Match:
-        """One matching whose query indices may already live on the device (denoising)."""
-        image_of, gt_idx = self._host_rows(indices)
-        rows = torch.stack([image_of, gt_idx]).to(self.device, non_blocking=True)
-        queries = torch.cat([q.to(self.device).long() for q, _ in indices] + [rows.new_zeros(0)])
-        return self._match(rows[0], queries, rows[1])
+            rows += [image_of, torch.cat([q.long() for q, _ in indices] + [torch.zeros(0, dtype=torch.int64)]), gt_idx]
+        if denoising is not None:
+            rows += self._host_rows(denoising)
+        on_device = torch.cat(rows).to(self.device, non_blocking=True).split([len(r) for r in rows])
+        matches = [self._match(*on_device[k : k + 3]) for k in range(0, 3 * len(index_sets), 3)]
+        if denoising is not None:
+            image_of, gt_idx = on_device[-2:]
+            queries = torch.cat([q.to(self.device).long() for q, _ in denoising] + [gt_idx.new_zeros(0)])
+            matches.append(self._match(image_of, queries, gt_idx))
+        return matches
 
 
 # ---------------------------------------------------------------------------------------------------- builders

@@ -24,12 +24,14 @@ from torch.nn import init
 
 from .denoising import get_contrastive_denoising_training_group, keep_denoising_in_graph
 from .fdr import distance2bbox, weighting_function
-from .layers import MLP, bias_init_with_prob, inverse_sigmoid
+from .layers import MLP, bias_init_with_prob, cat_dense_grads, inverse_sigmoid
 
 __all__ = [
     "CROSS_ATTN_METHODS",
     "QUERY_SELECT_METHODS",
+    "SAMPLING_METHODS",
     "deformable_attention_core",
+    "grid_sample_by_gather",
     "MSDeformableAttention",
     "RMSNorm",
     "SwiGLUFFN",
@@ -44,6 +46,9 @@ __all__ = [
 ]
 
 CROSS_ATTN_METHODS = ("default", "discrete")
+# how the deformable attention samples: the official choices, plus 'gather', the same bilinear sampling as 'default'
+# without GridSample, which the export switches to for runtimes that lack it (TensorRT without its plugin)
+SAMPLING_METHODS = (*CROSS_ATTN_METHODS, "gather")
 QUERY_SELECT_METHODS = ("default", "one2many", "agnostic")
 
 
@@ -55,6 +60,64 @@ def _check_choice(name: str, value, choices) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Deformable cross-attention
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def _bilinear_taps(grid: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """grid_sample's four bilinear taps (bilinear, zero padding, ``align_corners=False``) of every point of
+    ``grid`` (``... x 2``, (x, y) in [-1, 1]) on an ``h x w`` map: flat int64 indices into the map and weights,
+    both ``... x 4``; a corner off the map has weight 0 (and an index clamped into the map)."""
+    # grid_sample's own unnormalisation, term for term, so both round alike
+    x = ((grid[..., 0] + 1) * w - 1) / 2
+    y = ((grid[..., 1] + 1) * h - 1) / 2
+    x0, y0 = x.floor(), y.floor()
+    x1, y1 = x0 + 1, y0 + 1
+    # corners in the order (x0, y0), (x1, y0), (x0, y1), (x1, y1); weights written as grid_sample's kernel does
+    cx = torch.stack([x0, x1, x0, x1], dim=-1)
+    cy = torch.stack([y0, y0, y1, y1], dim=-1)
+    wx = torch.stack([x1 - x, x - x0, x1 - x, x - x0], dim=-1)
+    wy = torch.stack([y1 - y, y1 - y, y - y0, y - y0], dim=-1)
+    inside = (cx >= 0) & (cx <= w - 1) & (cy >= 0) & (cy <= h - 1)
+    # integer arithmetic for the index: in a half-precision graph a float index is exact only below 2048
+    index = cy.clamp(0, h - 1).to(torch.int64) * w + cx.clamp(0, w - 1).to(torch.int64)
+    return index, wx * wy * inside.to(wx.dtype)
+
+
+def _gather_rows(value: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """value ``N x C x L``, index ``N x ...`` into L -> ``N x ... x C``: whole C-vectors, one Gather for all."""
+    n, c, length = value.shape
+    base = torch.arange(n, device=value.device, dtype=torch.int64) * length
+    flat = (index + base.reshape(-1, *([1] * (index.dim() - 1)))).reshape(-1)
+    return value.transpose(1, 2).reshape(n * length, c).index_select(0, flat).reshape(*index.shape, c)
+
+
+def grid_sample_by_gather(value: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """``F.grid_sample(value, grid, mode='bilinear', padding_mode='zeros', align_corners=False)`` from elementary
+    ops (Floor, Gather, arithmetic), for graphs that must run where GridSample is missing.
+
+    value: ``N x C x H x W``; grid: ``N x Q x P x 2``, (x, y) in [-1, 1] (-1 and 1 the outer edges of the border
+    pixels). Returns ``N x C x Q x P``. Corners outside the map count as zeros, as in grid_sample.
+    """
+    n, c, h, w = value.shape
+    index, weight = _bilinear_taps(grid, h, w)  # N x Q x P x 4
+    picked = _gather_rows(value.flatten(2), index)  # N x Q x P x 4 x C
+    return (picked * weight.unsqueeze(-1)).sum(3).permute(0, 3, 1, 2)
+
+
+def _deformable_attention_by_gather(value: list[torch.Tensor], spatial_shapes: list[list[int]], grid: torch.Tensor,
+                                    weights: torch.Tensor, num_points_list: list[int]) -> torch.Tensor:
+    """The 'gather' path of :func:`deformable_attention_core`: value per level ``N x C x (H_l * W_l)``, grid
+    ``N x Q x P x 2`` in [-1, 1], weights ``N x Q x P``; returns ``N x Q x C``. The bilinear and attention weights
+    are folded into one weight per tap, and each level's taps are summed by one batched product."""
+    out = 0
+    for (h, w), value_l, grid_l, weights_l in zip(spatial_shapes, value, grid.split(num_points_list, dim=2),
+                                                  weights.split(num_points_list, dim=2)):
+        n, q = grid_l.shape[:2]
+        index, tap = _bilinear_taps(grid_l, h, w)  # N x Q x P_l x 4
+        tap = (tap * weights_l.unsqueeze(-1)).reshape(n, q, 1, -1)
+        picked = _gather_rows(value_l, index.reshape(n, q, -1))  # N x Q x 4 P_l x C
+        # flatten, not squeeze: squeezing a dimension of a dynamic batch exports as an If node
+        out = out + (tap @ picked).flatten(2)
+    return out
 
 
 def deformable_attention_core(
@@ -69,15 +132,22 @@ def deformable_attention_core(
 
     value: per level ``B x heads x head_dim x (H_l * W_l)``; spatial_shapes: ``[[H_l, W_l], ...]``;
     sampling_locations: ``B x Q x heads x P x 2`` in [0, 1] (x, y), the P = sum(num_points_list) points ordered
-    level by level; attention_weights: ``B x Q x heads x P`` (already normalised).
+    level by level; attention_weights: ``B x Q x heads x P`` (already normalised); method: one of
+    :data:`SAMPLING_METHODS` ('gather' is 'default' without GridSample, see :func:`grid_sample_by_gather`).
     Returns ``B x Q x (heads * head_dim)``.
     """
+    _check_choice("sampling method", method, SAMPLING_METHODS)
     batch, heads, head_dim, _ = value[0].shape
     num_queries = sampling_locations.shape[1]
     # heads become part of the batch so that one grid_sample call serves all heads of a level
     locations = sampling_locations.permute(0, 2, 1, 3, 4).flatten(0, 1)  # (B*heads) x Q x P x 2
-    if method == "default":
+    if method in ("default", "gather"):
         locations = 2 * locations - 1  # grid_sample wants [-1, 1]
+    if method == "gather":
+        flat = [v.reshape(batch * heads, head_dim, -1) for v in value]
+        weights = attention_weights.permute(0, 2, 1, 3).flatten(0, 1)  # (B*heads) x Q x P
+        out = _deformable_attention_by_gather(flat, spatial_shapes, locations, weights, num_points_list)
+        return out.reshape(batch, heads, num_queries, head_dim).transpose(1, 2).reshape(batch, num_queries, -1)
     per_level = locations.split(num_points_list, dim=-2)
 
     sampled = []
@@ -87,9 +157,9 @@ def deformable_attention_core(
             sampled.append(F.grid_sample(value_l, loc_l, mode="bilinear", padding_mode="zeros", align_corners=False))
         else:
             # nearest cell, no interpolation: ``round(loc * size)`` clamped into the map
-            xy = (loc_l * loc_l.new_tensor([w, h]) + 0.5).to(torch.int64)
-            x = xy[..., 0].clamp(0, w - 1)
-            y = xy[..., 1].clamp(0, h - 1)
+            # scaled by Python numbers: a tensor of them per level would be a host-to-device copy on a GPU
+            x = (loc_l[..., 0] * w + 0.5).to(torch.int64).clamp(0, w - 1)
+            y = (loc_l[..., 1] * h + 0.5).to(torch.int64).clamp(0, h - 1)
             index = (y * w + x).flatten(1)  # (B*heads) x (Q * P_l)
             gathered = value_l.flatten(2).gather(2, index[:, None, :].expand(-1, head_dim, -1))
             sampled.append(gathered.reshape(batch * heads, head_dim, num_queries, -1))
@@ -431,7 +501,9 @@ class FDRDecoder(nn.Module):
         """``B x L x C`` -> per level ``B x heads x head_dim x (H_l * W_l)``."""
         b, length, c = memory.shape
         value = memory.reshape(b, length, self.num_head, c // self.num_head).permute(0, 2, 3, 1)
-        return list(value.split([h * w for h, w in spatial_shapes], dim=-1))
+        # one copy per level here, where every layer samples the same value: left strided, each layer's
+        # ``reshape(B * heads, head_dim, H, W)`` would copy it again
+        return [v.contiguous() for v in value.split([h * w for h, w in spatial_shapes], dim=-1)]
 
     def convert_to_deploy(self) -> None:
         """Freeze W(n), drop the layers after ``eval_idx`` and the LQE heads before it (idempotent)."""
@@ -604,7 +676,7 @@ class FDRTransformerBase(nn.Module):
             # extra levels: the first comes from the raw last map, later ones from the previous extra level
             maps.append(self.input_proj[i](feats[-1] if i == len(feats) else maps[-1]))
         shapes = [[m.shape[2], m.shape[3]] for m in maps]
-        memory = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)
+        memory = cat_dense_grads([m.flatten(2).transpose(1, 2) for m in maps], dim=1)
         return memory, shapes
 
     def _encoder_memory(self, memory: torch.Tensor) -> torch.Tensor:

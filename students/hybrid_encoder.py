@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from students.conv_blocks import CSP_TYPES, ConvNormLayer, CSPLayer, RepNCSPELAN4, RepNCSPELAN5, RepVGGBlock, SCDown
-from students.layers import get_activation
+from students.layers import cat_dense_grads, get_activation
 
 __all__ = [
     "HybridEncoder",
@@ -255,7 +255,7 @@ class HybridEncoder(nn.Module):
         return self.eval_spatial_size[0] // stride, self.eval_spatial_size[1] // stride
 
     def _fuse(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return a + b if self.fuse_op == "sum" else torch.cat([a, b], dim=1)
+        return a + b if self.fuse_op == "sum" else cat_dense_grads([a, b], dim=1)
 
     def forward(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """``feats``: ``len(in_channels)`` maps, finest first. Returns ``len(in_channels)`` maps of hidden_dim."""

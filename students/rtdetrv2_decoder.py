@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .decoder_blocks import grid_sample_by_gather
 from .denoising import get_contrastive_denoising_training_group, keep_denoising_in_graph
 from .layers import MLP, bias_init_with_prob, get_activation, inverse_sigmoid
 
@@ -44,7 +45,8 @@ def deformable_sampling(value: torch.Tensor, spatial_shapes: list[tuple[int, int
         locations: B x Lq x M x P x 2, (x, y) in [0, 1] image coordinates; ``P = sum(num_points_list)`` with
             the points of level l forming the l-th consecutive chunk.
         weights: B x Lq x M x P attention weights (already normalised over P).
-        method: 'default' bilinear ``grid_sample``; 'discrete' nearest integer cell, no interpolation.
+        method: 'default' bilinear ``grid_sample``; 'discrete' nearest integer cell, no interpolation; 'gather'
+            the same as 'default' without GridSample (:func:`students.decoder_blocks.grid_sample_by_gather`).
 
     Returns:
         B x Lq x (M * D).
@@ -62,6 +64,8 @@ def deformable_sampling(value: torch.Tensor, spatial_shapes: list[tuple[int, int
             # grid_sample wants [-1, 1] coordinates; align_corners=False makes -1 / 1 the outer pixel edges
             grid = (2 * loc - 1).to(val.dtype)
             sampled.append(F.grid_sample(val, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
+        elif method == "gather":  # 'default' without GridSample, which the export switches to
+            sampled.append(grid_sample_by_gather(val, (2 * loc - 1).to(val.dtype)))
         else:
             pts = loc.shape[2]
             col = (loc[..., 0] * w + 0.5).long().clamp(0, w - 1)

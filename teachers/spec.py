@@ -1,5 +1,5 @@
 """A teacher spec written as one string, as on a command line: a preset name, a path or hub id, or an inline
-YAML/JSON dict such as ``'{timm: resnet10t}'``. :func:`teachers.load_teacher` takes the result."""
+YAML/JSON dict such as ``'{timm: resnet10t, weights: random}'``. :func:`teachers.load_teacher` takes the result."""
 
 from __future__ import annotations
 

@@ -294,4 +294,4 @@ def test_grid_yaml_is_plain_yaml():
     for path in GRIDS:
         data = yaml.safe_load(path.read_text())
         assert "include" not in data and set(data) <= {"base", "overrides", "axes", "mode", "exclude", "seeds",
-                                                       "output_dir"}
+                                                       "output_dir", "launcher"}

@@ -19,6 +19,7 @@ import yaml
 
 from distill.config import TrainConfig, load_config, load_yaml, to_dict
 from distill.data.config import resolve_config
+from distill.dsi import Injectors, resolve_injections
 from distill.grid import expand, load_grid
 from distill.optim import build_optimizer
 from distill.yamlconf import merge
@@ -91,10 +92,28 @@ def _is_grid(path: Path) -> bool:
     return "base" in (yaml.safe_load(path.read_text()) or {})
 
 
+_META_STUDENTS: dict[str, torch.nn.Module] = {}
+
+
+def meta_student(name: str) -> torch.nn.Module:
+    """The student built on the ``meta`` device (its modules, names and taps, without memory or init), once."""
+    if name not in _META_STUDENTS:
+        with torch.device("meta"):
+            _META_STUDENTS[name] = build_student(name, check_taps=False)
+    return _META_STUDENTS[name]
+
+
 @pytest.mark.parametrize("path", ALL_YAML, ids=_rel)
 def test_every_yaml_builds(path: Path):
     """Every file is built through the strict builder (not just parsed): a config with its includes; a grid
-    expanded, each cell's config built with the cell's overrides."""
+    expanded, each cell's config built with the cell's overrides. Then what the config names is built too: its
+    student (on the meta device) and, for a distillation config, the resolved injections' projectors on that
+    student's taps (a tap the scale lacks fails here, not at the first training step)."""
+    if (yaml.safe_load(path.read_text()) or {}).get("pretrain"):  # a teacher pre-training recipe
+        from distill.vit_teacher import load_pretrain_config
+
+        load_pretrain_config(str(path))
+        return
     if _is_grid(path):
         grid = load_grid(path)
         configs = [load_config(grid.base, run.override_args()) for run in expand(grid)]
@@ -104,6 +123,15 @@ def test_every_yaml_builds(path: Path):
     for cfg in configs:
         assert isinstance(cfg, TrainConfig)
         resolve_config(cfg.data)
+        student = meta_student(cfg.model.student)
+        if not cfg.distill.enabled:
+            continue
+        injections = resolve_injections(cfg.distill)
+        # teacher widths are only known once a teacher loads (hub downloads): a nominal width builds the projectors
+        depth = 1 + max(max(i.layer, -i.layer - 1) for i in injections)
+        with torch.device("meta"):
+            injectors = Injectors(injections, student.taps, {name: [768] * depth for name in cfg.distill.teachers})
+        assert list(injectors.projectors) == [i.name for i in injections]
 
 
 @pytest.mark.parametrize("path", TRAIN_CONFIGS + BASE_FILES, ids=_rel)
@@ -226,12 +254,7 @@ def test_loss_overrides_build_the_criterion(name: str):
 @pytest.fixture(scope="module")
 def param_names() -> dict[str, list[str]]:
     """Trainable parameter names of every student, built on the meta device (no memory, no init)."""
-    names = {}
-    for name in list_students():
-        with torch.device("meta"):
-            model = build_student(name, check_taps=False)
-        names[name] = [k for k, p in model.named_parameters() if p.requires_grad]
-    return names
+    return {name: [k for k, p in meta_student(name).named_parameters() if p.requires_grad] for name in list_students()}
 
 
 @pytest.mark.parametrize("name", sorted(FACTS))

@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("students", "teachers", "distill")
 # distill's core: what training needs. It may not reach up into the tools or the command line.
 CORE = ("distill.config", "distill.yamlconf", "distill.data", "distill.dsi", "distill.gam", "distill.engine",
-        "distill.evaluator", "distill.ema", "distill.optim", "distill.schedule")  # fmt: skip
-TOOLS = ("distill.grid", "distill.viz", "distill.export", "distill.bench", "distill.compare", "distill.parity")
+        "distill.evaluator", "distill.ema", "distill.optim", "distill.schedule", "distill.rundir")  # fmt: skip
+TOOLS = ("distill.grid", "distill.viz", "distill.onnx_export", "distill.detect", "distill.bench", "distill.compare",
+         "distill.parity")  # fmt: skip
 
 
 def _within(module: str, prefixes: tuple[str, ...]) -> bool:

@@ -3,10 +3,15 @@
 For each stage of the DataAug scheduler (warm-up, Mosaic, plain, no-aug; one epoch inside each) :func:`bench`
 runs ``n`` samples through decode + per-sample transforms + collate in this process (= one DataLoader worker) and
 measures images/s, then the mean milliseconds per image of every transform (decode included).
+
+Given the images/s of the training step it feeds (``distill bench step``), :func:`workers_needed` is the number of
+such workers that keeps the pipeline :data:`MARGIN` times ahead of the step: the augmentation cost varies from batch
+to batch (Mosaic, MixUp, the multi-scale sizes), and a loader only just as fast as the step stalls it half the time.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
 
@@ -17,6 +22,7 @@ from distill.data.collate import Collator
 from distill.data.config import DataConfig
 from distill.data.transforms import stage_of
 
+MARGIN = 1.5  # data images/s over step images/s that the worker count must reach
 # the order of the per-image columns: the order the pipeline runs them in
 OP_ORDER = ("decode", "mosaic", "photometric", "zoom_out", "iou_crop", "sanitize", "flip", "resize", "sanitize2",
             "to_tensor", "collate")
@@ -64,3 +70,11 @@ def bench(cfg: DataConfig, n: int = 64, seed: int = 0) -> dict[str, dict[str, fl
         row["ms/collate"] = 1e3 * t_collate / n
         out[stage] = row
     return out
+
+
+def workers_needed(worker_images_per_s: float, step_images_per_s: float, margin: float = MARGIN) -> int:
+    """Workers whose summed images/s reach ``margin`` times the step's (at least one)."""
+    if worker_images_per_s <= 0 or step_images_per_s <= 0:
+        raise ValueError(f"images/s must be > 0, got {worker_images_per_s} and {step_images_per_s}")
+    return max(1, math.ceil(margin * step_images_per_s / worker_images_per_s))
+

@@ -1,7 +1,7 @@
 """Batch-1 latency of deployed students, PyTorch eager against ONNX Runtime (``distill bench infer``).
 
 For each scale: a randomly initialised student at its own input size is deployed (``deploy()``, tensor-output
-post-processor) and exported with :func:`distill.export.export_onnx`; both runtimes then compute the same thing,
+post-processor) and exported with :func:`distill.onnx_export.export_onnx`; both runtimes then compute the same thing,
 images -> (labels, boxes, scores). Weights do not change the work done, so no checkpoint is needed.
 
 The two runtimes are timed interleaved (:func:`distill.bench.timing.interleaved`). Reported: median and
@@ -46,7 +46,7 @@ def _torch_runner(student: torch.nn.Module, device: str) -> Callable[[torch.Tens
 
 def bench_scale(name: str, device: str, repeats: int, warmup: int, threads: int) -> list[dict[str, Any]]:
     """Rows (one per runtime) for scale ``name`` on ``device``; a runtime that cannot run there gets an 'error'."""
-    from distill.export import export_onnx, onnx_session, run_onnx
+    from distill.onnx_export import export_onnx, onnx_session, run_onnx
     from students import build_student
 
     torch.manual_seed(0)

@@ -27,6 +27,12 @@ forward is timed apart and left out of the step times and overheads (it is a fix
     gam_measure_share = median time of the measurement call / plain_s   (the direct figure; differences of
                         medians are noisier than a 1% target)
 
+Every variant runs with the config's speed options (:mod:`distill.speed`: channels-last, fused AdamW, and
+``torch.compile`` when the config asks), as the engine would. ``--compare-eager`` times something else: the plain
+step twice, over two students with the same weights, ``default`` with those options and ``eager`` with every
+option off (the eager fp32 step before them), interleaved; ``ratio_vs_eager`` = default / eager (medians), and
+the compilation, paid once before the timed steps, is reported apart (``compile_s``).
+
 On CPU every figure is also given in process CPU time (``cpu``). Peak memory is the rise over one extra, untimed
 step per variant (:class:`distill.bench.timing.PeakMemory`). The variants share one student, EMA and teacher, so
 the figure is the step's working memory (activations, gradients, optimizer updates), not the footprint of the
@@ -39,7 +45,7 @@ import os
 import statistics
 import tempfile
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
@@ -49,13 +55,15 @@ from distill.dsi import DistillConfig, Distiller, InjectionConfig
 from distill.engine import TrainModel, TrainStep, build_accelerator, seed_everything
 from distill.errors import UserError
 from distill.gam import SCALE_PRESETS, GAMConfig, gam_config_for
+from distill.speed import SpeedOptions, batch_to, compile_student, optimizer_kwargs, prepare_student, warm_up
 
 from .timing import PeakMemory, PhaseClock, interleaved, release_free_memory, spread
 
-__all__ = ["PHASES", "VARIANTS", "build_variants", "default_distill", "measure_step", "random_teacher_dir",
-           "run_bench", "summarise", "synthetic_batch"]  # fmt: skip
+__all__ = ["COMPARE", "PHASES", "VARIANTS", "build_compare", "build_variants", "default_distill", "measure_step",
+           "random_teacher_dir", "run_bench", "summarise", "summarise_compare", "synthetic_batch"]  # fmt: skip
 
 VARIANTS = ("plain", "dsi", "dsi_gam")
+COMPARE = ("default", "eager")  # --compare-eager: the config's speed options, and every option off
 # Reported phases, in step order. 'forward' is the student alone, 'dsi' the projectors, alignment losses and
 # their weighting; 'other' is what the step does between the timed calls (the finite-loss check, set_lr, ...).
 PHASES = ("forward", "dsi", "criterion", "backward", "clip", "gam", "optimizer", "ema", "other")
@@ -153,11 +161,43 @@ def _with_teacher(distill: DistillConfig, spec: str | dict) -> DistillConfig:
     return replace(distill, teachers={"main": spec}, injections=injections)
 
 
+def _student(cfg: TrainConfig, num_classes: int, size: int, device: torch.device, options: SpeedOptions):
+    """A fresh student in train mode on ``device``, its weights from the config (else the seeded random init, so
+    two calls give the same weights) and its memory format from ``options``."""
+    from students import build_student
+
+    seed_everything(cfg.seed)
+    student = build_student(cfg.model.student, num_classes=num_classes, pretrained=cfg.model.pretrained or None,
+                            input_size=(size, size)).to(device)  # fmt: skip
+    prepare_student(student, options)
+    return student.train()
+
+
+def _timed_step(model, criterion, optimizer, acc, clock: PhaseClock, cfg: TrainConfig, **kwargs) -> TrainStep:
+    """The engine's TrainStep over timing stand-ins (see :class:`_Timed`)."""
+    return TrainStep(
+        _Timed(model, clock, {"__call__": "forward"}),
+        _Timed(criterion, clock, {"__call__": "criterion"}),
+        _Timed(optimizer, clock, {"step": "optimizer", "zero_grad": "optimizer"}),
+        _Timed(acc, clock, {"backward": "backward", "clip_grad_norm_": "clip", "unscale_gradients": "clip"}),
+        schedule=cfg.schedule,
+        iters_per_epoch=1000,
+        clip_max_norm=cfg.optim.clip_max_norm,
+        **kwargs,
+    )
+
+
+def _with_warmup(cfg: TrainConfig) -> TrainConfig:
+    # Step 0 of a warm-up has LR 0 (the bench resets the step counter before every step): keep a warm-up
+    return replace(cfg, schedule=replace(cfg.schedule, warmup_iter=max(cfg.schedule.warmup_iter, 1)))
+
+
 def build_variants(
-    cfg: TrainConfig, num_classes: int, size: int, clock: PhaseClock
+    cfg: TrainConfig, num_classes: int, size: int, clock: PhaseClock, batch: int = 1
 ) -> tuple[dict[str, TrainStep], Any]:
     """variant name -> a :class:`TrainStep` over one shared student (and one shared EMA and teacher); and the
-    accelerator.
+    accelerator. The student has the config's speed options (:mod:`distill.speed`), as in the engine (with
+    ``compile``, compiled for ``batch`` images before any step).
 
     The DSI variant's Distiller gets only the student's tap metadata, so it builds no GAM and measures nothing;
     the DSI + GAM variant gets the student itself and ``gam.enabled``. Each variant has its own TrainModel and
@@ -165,15 +205,12 @@ def build_variants(
     """
     from distill.ema import ModelEMA
     from distill.optim import build_optimizer
-    from students import build_student
     from students.criterion import build_criterion
 
-    # Step 0 of a warm-up has LR 0 (the bench resets the step counter before every step): keep a warm-up
-    cfg = replace(cfg, schedule=replace(cfg.schedule, warmup_iter=max(cfg.schedule.warmup_iter, 1)))
+    cfg = _with_warmup(cfg)
+    options = SpeedOptions.from_config(cfg)
     acc = build_accelerator(cfg)
-    student = build_student(cfg.model.student, num_classes=num_classes, pretrained=cfg.model.pretrained or None,
-                            input_size=(size, size)).to(acc.device)  # fmt: skip
-    student.train()
+    student = _student(cfg, num_classes, size, acc.device, options)
     criterion = build_criterion(cfg.model.student, num_classes=num_classes, **cfg.loss).to(acc.device)
     ema = ModelEMA(student, cfg.ema.decay, cfg.ema.warmups)
     ema.module.to(acc.device)
@@ -181,31 +218,54 @@ def build_variants(
     dsi = Distiller(static, student.taps, device=acc.device)
     gam = Distiller(replace(cfg.distill, gam=replace(cfg.distill.gam, enabled=True)), student,
                     teachers=dsi.teachers, device=acc.device)  # fmt: skip
-    timed_acc = _Timed(acc, clock, {"backward": "backward", "clip_grad_norm_": "clip", "unscale_gradients": "clip"})
     steps = {}
     for name, distiller in (("plain", None), ("dsi", dsi), ("dsi_gam", gam)):
         injectors = distiller.injectors if distiller is not None else None
         train_model = TrainModel(student, injectors)
-        optimizer = build_optimizer(train_model, cfg.optim)
+        optimizer = build_optimizer(train_model, cfg.optim, **optimizer_kwargs(options, acc.device))
         model, optimizer = acc.prepare(train_model, optimizer)
         if injectors is not None:
             injectors.register_forward_pre_hook(lambda *_: clock.start("dsi_inject"))
             injectors.register_forward_hook(lambda *_: clock.stop("dsi_inject"))
             distiller = _Timed(distiller, clock, {"teacher_features": "teacher", "weigh": "dsi_weigh",
                                                   "measure": "gam"})  # fmt: skip
-        steps[name] = TrainStep(
-            _Timed(model, clock, {"__call__": "forward"}),
-            _Timed(criterion, clock, {"__call__": "criterion"}),
-            _Timed(optimizer, clock, {"step": "optimizer", "zero_grad": "optimizer"}),
-            timed_acc,
-            student=student,
-            distiller=distiller,
-            ema=_Timed(ema, clock, {"update": "ema"}),
-            schedule=cfg.schedule,
-            iters_per_epoch=1000,
-            clip_max_norm=cfg.optim.clip_max_norm,
-        )
+        steps[name] = _timed_step(model, criterion, optimizer, acc, clock, cfg, student=student,
+                                  distiller=distiller, ema=_Timed(ema, clock, {"update": "ema"}))  # fmt: skip
+    if options.compile:
+        compile_student(student, options)
+        warm_up(student, batch, size, acc.device, acc.autocast)  # the compilation, before any step (untimed)
     return steps, acc
+
+
+def build_compare(
+    cfg: TrainConfig, num_classes: int, size: int, batch: int, clock: PhaseClock
+) -> tuple[dict[str, TrainStep], dict[str, SpeedOptions], float | None, Any]:
+    """The plain step twice, each over its own student with the same weights: ``default`` with the config's
+    speed options, ``eager`` with every option off (the eager fp32 step before :mod:`distill.speed`). Returns
+    the steps, their options, the seconds :func:`distill.speed.warm_up` took to compile (None without compile)
+    and the accelerator."""
+    from distill.ema import ModelEMA
+    from distill.optim import build_optimizer
+    from students.criterion import build_criterion
+
+    cfg = _with_warmup(cfg)
+    acc = build_accelerator(cfg)
+    options = {"default": SpeedOptions.from_config(cfg), "eager": SpeedOptions.off()}
+    steps, compile_s = {}, None
+    for name, opts in options.items():
+        student = _student(cfg, num_classes, size, acc.device, opts)
+        criterion = build_criterion(cfg.model.student, num_classes=num_classes, **cfg.loss).to(acc.device)
+        ema = ModelEMA(student, cfg.ema.decay, cfg.ema.warmups)
+        ema.module.to(acc.device)
+        train_model = TrainModel(student)
+        optimizer = build_optimizer(train_model, cfg.optim, **optimizer_kwargs(opts, acc.device))
+        model, optimizer = acc.prepare(train_model, optimizer)
+        if opts.compile:
+            compile_student(student, opts)
+            compile_s = warm_up(student, batch, size, acc.device, acc.autocast)
+        steps[name] = _timed_step(model, criterion, optimizer, acc, clock, cfg, student=student,
+                                  ema=_Timed(ema, clock, {"update": "ema"}))  # fmt: skip
+    return steps, options, compile_s, acc
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -224,16 +284,18 @@ def _phases(spans: dict[str, float], total: float) -> dict[str, float]:
     return out
 
 
-def run_bench(steps: dict[str, TrainStep], images: torch.Tensor, targets: list[dict], clock: PhaseClock,
-              repeats: int, warmup: int, progress: Callable[[str], None] | None = None) -> tuple[dict[str, dict], str]:
+def run_bench(steps: dict[str, TrainStep], images: torch.Tensor | dict[str, torch.Tensor], targets: list[dict],
+              clock: PhaseClock, repeats: int, warmup: int,
+              progress: Callable[[str], None] | None = None) -> tuple[dict[str, dict], str]:
     """Interleaved steps of every variant: per variant the per-repeat step seconds (teacher included), phases
-    and peak memory rises; and the kind of memory figure (see :class:`PeakMemory`). ``progress`` gets one line
-    per repeat."""
-    device = images.device
+    and peak memory rises; and the kind of memory figure (see :class:`PeakMemory`). ``images``: one batch for
+    every variant, or one per variant (each in its own memory format). ``progress`` gets one line per repeat."""
+    batches = images if isinstance(images, dict) else {name: images for name in steps}
+    device = next(iter(batches.values())).device
     memory = PeakMemory(device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
 
-    def call(step: TrainStep) -> Callable[[], Any]:
+    def call(step: TrainStep, images: torch.Tensor) -> Callable[[], Any]:
         def run():
             step.global_step = 0  # warm-up LR 0: the weights stay put and every repeat does the same work
             clock.reset()
@@ -246,7 +308,7 @@ def run_bench(steps: dict[str, TrainStep], images: torch.Tensor, targets: list[d
         n: {"total": [], "phases": [], "cpu_total": [], "cpu_phases": [], "memory": []} for n in names
     }
     done: dict[str, str] = {}
-    calls = {n: call(steps[n]) for n in names}
+    calls = {n: call(steps[n], batches[n]) for n in names}
     for k, sample in enumerate(interleaved(calls, repeats, warmup, sync)):
         if sample.result is None:
             raise RuntimeError(f"bench step: variant {sample.name!r} gave a non-finite loss on the fixed batch")
@@ -267,7 +329,7 @@ def run_bench(steps: dict[str, TrainStep], images: torch.Tensor, targets: list[d
         steps[name].global_step = 0
         release_free_memory()
         memory.begin()
-        steps[name](images, targets, epoch=0)
+        steps[name](batches[name], targets, epoch=0)
         if sync is not None:
             sync()
         samples[name]["memory"].append(memory.end())
@@ -328,32 +390,57 @@ def _uses_cuda(cfg: TrainConfig) -> bool:
     return cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
 
 
+def summarise_compare(samples: dict, batch: int, memory_kind: str, compile_s: float | None,
+                      options: dict[str, SpeedOptions]) -> dict[str, Any]:
+    """``--compare-eager``: per variant the medians and phases (wall; CPU time under ``cpu`` on a CPU), and
+    ``ratio_vs_eager`` = default step / eager step (medians); ``paired_ratio``, the median of the per-repeat
+    ratios of the two steps run back to back, is steadier against drifts of the machine."""
+
+    def compare(totals: str, phases: str) -> dict[str, Any]:
+        v = {n: _clock_summary(samples[n][totals], samples[n][phases]) for n in COMPARE}
+        paired = [d / e for d, e in zip(v["default"]["steps_s"], v["eager"]["steps_s"])]
+        return {"variants": v, "ratio_vs_eager": v["default"]["step_s"] / v["eager"]["step_s"],
+                "paired_ratio": statistics.median(paired), "spread": {n: spread(v[n]["steps_s"]) for n in COMPARE}}
+
+    out = compare("total", "phases")
+    for n, v in out["variants"].items():
+        v["images_per_s"] = batch / v["step_s"]
+        v["peak_memory_mb"] = max(samples[n]["memory"]) / 2**20
+        v["options"] = asdict(options[n])
+    out.update(mode="compare_eager", compile_s=compile_s, memory_kind=memory_kind, cpu=None)
+    if all(samples[n]["cpu_total"] for n in COMPARE):
+        out["cpu"] = compare("cpu_total", "cpu_phases")
+    return out
+
+
 def measure_step(cfg: TrainConfig, *, batch: int = 2, size: int = 0, repeats: int = 5, warmup: int = 1,
                  boxes: int = 8, num_classes: int = 0, teacher: str = "", teacher_dim: int = DEFAULT_TEACHER_DIM,
-                 real: bool = False, seed: int = 0,
+                 real: bool = False, seed: int = 0, compare_eager: bool = False,
                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """The whole benchmark for a loaded training config: :func:`summarise`'s figures plus ``setup`` (what was
-    measured, and the load average before and after).
+    """The whole benchmark for a loaded training config: :func:`summarise`'s figures (with ``compare_eager``:
+    :func:`summarise_compare`'s) plus ``setup`` (what was measured, and the load average before and after).
 
     ``size`` 0 is the config's ``img_size``; ``num_classes`` 0 is the model's, else the data's, else 80 (with
     ``real``: the dataset's); ``teacher`` replaces the config's teachers; without it and without distillation
-    in the config, a random one-layer DINOv3 ViT of width ``teacher_dim`` is the teacher.
+    in the config, a random one-layer DINOv3 ViT of width ``teacher_dim`` is the teacher (``compare_eager`` times
+    the plain step alone: no teacher).
     """
     if batch < 1 or repeats < 1 or warmup < 0:
         raise UserError(f"--batch and --repeats must be >= 1 and --warmup >= 0; got {batch}, {repeats}, {warmup}")
     size = size or cfg.data.img_size
     if size % 32:
         raise UserError(f"--size must be a multiple of 32 (the students' largest stride), got {size}")
-    cfg = replace(cfg, grad_accum=1)
+    cfg = replace(cfg, grad_accum=1, seed=seed)
     seed_everything(seed)
     load_start = _load()
+    compile_s = None
     with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
-        teacher_desc = "from the config"
-        if teacher:
+        teacher_desc = "none (plain step)" if compare_eager else "from the config"
+        if teacher and not compare_eager:
             base = cfg.distill if cfg.distill.enabled else default_distill(cfg.model.student, teacher)
             cfg = replace(cfg, distill=_with_teacher(base, teacher))
             teacher_desc = teacher
-        elif not cfg.distill.enabled:
+        elif not cfg.distill.enabled and not compare_eager:
             path = random_teacher_dir(os.path.join(tmp, "teacher"), teacher_dim)
             cfg = replace(cfg, distill=default_distill(cfg.model.student, path))
             teacher_desc = f"random 1-layer DINOv3 ViT, {teacher_dim}-d"
@@ -365,11 +452,19 @@ def measure_step(cfg: TrainConfig, *, batch: int = 2, size: int = 0, repeats: in
         if num_classes:
             classes = num_classes
         clock = PhaseClock(torch.device("cuda") if _uses_cuda(cfg) else torch.device("cpu"))
-        steps, acc = build_variants(cfg, classes, size, clock)
-        images = images.to(acc.device)
+        if compare_eager:
+            steps, options, compile_s, acc = build_compare(cfg, classes, size, batch, clock)
+        else:
+            steps, acc = build_variants(cfg, classes, size, clock, batch)
+            options = dict.fromkeys(steps, SpeedOptions.from_config(cfg))
+        batches = {name: batch_to(images.to(acc.device), options[name]) for name in steps}
         targets = [{k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-        samples, memory_kind = run_bench(steps, images, targets, clock, repeats, warmup, progress=progress)
-    result = summarise(samples, batch, memory_kind)
+        samples, memory_kind = run_bench(steps, batches, targets, clock, repeats, warmup, progress=progress)
+    if compare_eager:
+        result = summarise_compare(samples, batch, memory_kind, compile_s, options)
+    else:
+        result = summarise(samples, batch, memory_kind)
+        result["options"] = asdict(SpeedOptions.from_config(cfg))
     result["setup"] = {
         "student": cfg.model.student, "num_classes": classes, "batch": batch, "size": size, "repeats": repeats,
         "warmup": warmup, "device": str(acc.device),

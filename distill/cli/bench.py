@@ -25,10 +25,13 @@ def data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--img-size", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--preset", default=None)
+    parser.add_argument("--step-rate", type=float, default=None, metavar="IMG_PER_S",
+                        help="images/s of the training step the loader feeds, per process (e.g. images_per_s of "
+                             "`distill bench step --json`): adds the workers needed to stay 1.5x ahead of it")
 
 
 def data(args: argparse.Namespace) -> int:
-    from distill.bench.data import OP_ORDER, bench
+    from distill.bench.data import MARGIN, OP_ORDER, bench, workers_needed
     from distill.data.config import load_data_config
     from distill.data.transforms import STAGES
 
@@ -36,14 +39,23 @@ def data(args: argparse.Namespace) -> int:
         raise UserError("give CONFIG or --data DIR")
     cfg = load_data_config(args.config, args.data, img_size=args.img_size, batch_size=args.batch_size,
                            preset=args.preset)  # fmt: skip
+    if args.step_rate is not None and args.step_rate <= 0:
+        raise UserError(f"--step-rate must be > 0, got {args.step_rate}")
     res = bench(cfg, args.n)
     ops = [op for op in OP_ORDER if any(f"ms/{op}" in r for r in res.values())]
-    rows = [[stage, int(r["epoch"]), f"{r['images_per_s']:.1f}",
-             *(f"{r[f'ms/{op}']:.2f}" if f"ms/{op}" in r else "-" for op in ops)]
-            for stage, r in ((s, res[s]) for s in STAGES if s in res)]  # fmt: skip
+    stages = [s for s in STAGES if s in res]
+    workers = {s: workers_needed(res[s]["images_per_s"], args.step_rate) for s in stages} if args.step_rate else {}
+    rows = [[stage, int(res[stage]["epoch"]), f"{res[stage]['images_per_s']:.1f}",
+             *([workers[stage]] if workers else []),
+             *(f"{res[stage][f'ms/{op}']:.2f}" if f"ms/{op}" in res[stage] else "-" for op in ops)]
+            for stage in stages]  # fmt: skip
     print(f"training pipeline, one worker, img_size {cfg.img_size}, batch {cfg.batch_size}, {args.n} samples/stage")
-    print(format_table(rows, ["stage", "epoch", "img/s", *ops]))
+    print(format_table(rows, ["stage", "epoch", "img/s", *(["workers"] if workers else []), *ops]))
     print("(per-transform columns: mean ms per image; an op that a stage skips shows '-')")
+    if workers:
+        slowest = max(stages, key=lambda s: workers[s])
+        print(f"workers needed per training process to stay {MARGIN}x ahead of a {args.step_rate:g} img/s step: "
+              f"{workers[slowest]} (set by the {slowest} stage; each worker needs a core of its own)")
     return 0
 
 
@@ -70,6 +82,9 @@ def step_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--real", action="store_true", help="time one real batch of the config's training data")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compare-eager", action="store_true",
+                        help="time the plain step with the config's speed options against every option off (the "
+                             "eager fp32 step), interleaved; prints their ratio (JSON: ratio_vs_eager)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -90,7 +105,8 @@ def step_report(result: dict[str, Any]) -> str:
         f"{info['size']}x{info['size']}, {info['device']} {info['precision']}, {info['threads']} thread(s), "
         f"{info['batch_source']} batch; median of {info['repeats']} interleaved repeats after {info['warmup']} "
         f"warm-up; teacher {info['teacher']}",
-        f"load average {info['load_start']} at start, {info['load_end']} at end",
+        f"load average {info['load_start']} at start, {info['load_end']} at end; speed options: "
+        f"{_options(result['options'])}",
         "",
         format_table(rows, ["variant", "step s", "img/s", "peak MB", *PHASES]),
         "",
@@ -121,6 +137,43 @@ def step_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _options(options: dict[str, Any]) -> str:
+    on = [name for name in ("channels_last", "compile", "fused_optimizer") if options[name]]
+    return ", ".join(on) or "none"
+
+
+def compare_report(result: dict[str, Any]) -> str:
+    """``--compare-eager``: the two variants, their ratio and the compile time."""
+    from distill.bench.step import COMPARE, PHASES
+
+    info = result["setup"]
+    rows = [[name, _options(v["options"]), f"{v['step_s']:.4f}", f"{v['images_per_s']:.2f}",
+             f"{v['peak_memory_mb']:.0f}", *(f"{v['phases_s'][p]:.3f}" for p in PHASES if p not in ("dsi", "gam"))]
+            for name, v in ((n, result["variants"][n]) for n in COMPARE)]  # fmt: skip
+    compile_s = result["compile_s"]
+    lines = [
+        f"plain train step of {info['student']} ({info['num_classes']} classes), batch {info['batch']} at "
+        f"{info['size']}x{info['size']}, {info['device']} {info['precision']}, {info['threads']} thread(s), "
+        f"{info['batch_source']} batch; median of {info['repeats']} interleaved repeats after {info['warmup']} "
+        f"warm-up",
+        f"load average {info['load_start']} at start, {info['load_end']} at end",
+        "",
+        format_table(rows, ["variant", "speed options", "step s", "img/s", "peak MB",
+                            *(f"{p} s" for p in PHASES if p not in ("dsi", "gam"))]),
+        "",
+        f"default / eager: {result['ratio_vs_eager']:.3f} (ratio of medians); {result['paired_ratio']:.3f} "
+        f"(median of the per-repeat ratios); spread of the eager step {_percent(result['spread']['eager'])}",
+        "compile: " + ("not asked (compile: false)" if compile_s is None
+                       else f"{compile_s:.1f} s, paid once before the timed steps (not in the figures above)"),
+    ]
+    cpu = result.get("cpu")
+    if cpu:
+        lines.append(f"in process CPU time: default {cpu['variants']['default']['step_s']:.4f} s, eager "
+                     f"{cpu['variants']['eager']['step_s']:.4f} s, ratio {cpu['ratio_vs_eager']:.3f} (paired "
+                     f"{cpu['paired_ratio']:.3f})")  # fmt: skip
+    return "\n".join(lines)
+
+
 def step(args: argparse.Namespace) -> int:
     import torch
 
@@ -133,40 +186,60 @@ def step(args: argparse.Namespace) -> int:
     result = measure_step(
         cfg, batch=args.batch, size=args.size, repeats=args.repeats, warmup=args.warmup, boxes=args.boxes,
         num_classes=args.num_classes, teacher=args.teacher, teacher_dim=args.teacher_dim, real=args.real,
-        seed=args.seed, progress=_progress,
+        seed=args.seed, compare_eager=args.compare_eager, progress=_progress,
     )  # fmt: skip
     result["setup"] = {"config": args.config, "overrides": list(args.overrides), **result["setup"]}
-    print(json.dumps(result, indent=1) if args.json else step_report(result))
+    report = compare_report if args.compare_eager else step_report
+    print(json.dumps(result, indent=1) if args.json else report(result))
     return 0
 
 
 # -- distill bench teacher ---------------------------------------------------------------------------------------
 def teacher_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("spec", help="preset name, hub id, local directory, DINOv3 .pth, or an inline dict")
+    from distill.bench.teacher import MIN_COSINE, RANDOM_ARCHS
+
+    parser.epilog = (f"Times every (policy, precision) cell interleaved and compares its grid with the fp32 grid "
+                     f"(cosine over the channels per position); names the fastest cell within a mean cosine of "
+                     f"{MIN_COSINE} to fp32. SPEC random:NAME benches random weights of a public architecture, no "
+                     f"download ({', '.join(RANDOM_ARCHS)}; random:dinov3_vitb16 is the RT-DETRv4 teacher).")
+    parser.add_argument("spec", help="preset name, hub id, local directory, DINOv3 .pth, an inline dict, or "
+                                     "random:NAME")  # fmt: skip
     parser.add_argument("--student-size", type=int, default=640)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--policies", nargs="+", default=["match", "native"])
     parser.add_argument("--precisions", nargs="+", default=None, help="default: fp32 bf16 (+ fp16 on GPU)")
     parser.add_argument("--device", default=None, help="default: cuda when torch sees a GPU, else cpu")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the batch (and of random:NAME weights)")
     parser.add_argument("--json", action="store_true")
+
+
+def _cos(value: float | None) -> str:
+    return "-" if value is None else f"{value:.6f}"
 
 
 def teacher(args: argparse.Namespace) -> int:
     import torch
 
-    from distill.bench.teacher import bench_teacher
+    from distill.bench.teacher import MIN_COSINE, bench_teacher, fastest_exact
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     name, rows = bench_teacher(args.spec, args.student_size, args.batch, args.repeats, args.policies,
-                               args.precisions, device)  # fmt: skip
+                               args.precisions, device, seed=args.seed)  # fmt: skip
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"teacher {name} on {device}, student {args.student_size}px, batch {args.batch}")
-    print(format_table([[r["policy"], r["precision"], "x".join(map(str, r["teacher_input"])), f"{r['median_s']:.3f}",
-                         f"{r['images_per_s']:.2f}"] for r in rows],
-                       ["policy", "precision", "input", "median s", "img/s"]))  # fmt: skip
+    shown = args.spec if args.spec.startswith("random:") else name
+    print(f"teacher {shown} on {device}, student {args.student_size}px, batch {args.batch}, median of "
+          f"{args.repeats} interleaved repeats; cosine per grid position to the fp32 grid of the same policy")
+    print(format_table([[r["policy"], r["precision"] + (" (auto)" if r["auto"] else ""),
+                         "x".join(map(str, r["teacher_input"])), f"{r['median_s']:.3f}", f"{r['images_per_s']:.2f}",
+                         "-" if r["ratio_vs_fp32"] is None else f"{r['ratio_vs_fp32']:.3f}", _cos(r["cos_mean"]),
+                         _cos(r["cos_min"])] for r in rows],
+                       ["policy", "precision", "input", "median s", "img/s", "x fp32", "cos mean", "cos min"]))
+    for policy, row in fastest_exact(rows).items():
+        print(f"{policy}: fastest within a mean cosine of {MIN_COSINE} to fp32: {row['precision']} "
+              f"({row['ratio_vs_fp32']:.3f}x the fp32 time)")
     return 0
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 
 def calibrate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("grid_dir", help="output directory of a static-weight grid")
+    parser.add_argument("grid_dir", help="output directory of a grid; only its static-weight runs calibrate (GAM "
+                                         "runs are listed apart)")
     parser.add_argument("--delta-frac", type=float, default=0.1, help="delta as a fraction of rho (default 0.1)")
     parser.add_argument("--stop-epoch", type=int, default=None,
                         help="ignore the shares of epochs >= this (the no-augmentation stage, where GAM resets)")
@@ -26,6 +27,12 @@ def calibrate(args: argparse.Namespace) -> int:
              "" if row["weight"] is None else f"{row['weight']:g}", f"{row['best_AP']:.4f}",
              "" if row["aifi_grad_ratio"] is None else f"{row['aifi_grad_ratio']:.5f}"] for row in result["table"]]
     print(format_table(rows, ["cell", "weight", "best AP", "AIFI ratio"]))
+    if result["left_out"]:
+        print("\nleft out of the calibration: GAM runs (their weight was steered toward the rho they were given, "
+              "so their share measures that rho, not a static weight)")
+        for row in result["left_out"]:
+            cell = ", ".join(f"{k}={value_text(v)}" for k, v in row["cell"].items()) or "all"
+            print(f"  {cell}: best AP {row['best_AP']:.4f}; {row['reason']}")
     for warning in result["warnings"]:
         print(f"warning: {warning}")
     print(f"\nbest static cell: {result['best_cell']} (weight {result['best_weight']}, AP {result['best_AP']:.4f})")

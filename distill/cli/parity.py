@@ -7,6 +7,8 @@ import argparse
 import json
 import sys
 
+import torch
+
 from distill.tables import format_table
 
 
@@ -33,10 +35,14 @@ def parity_arguments(parser: argparse.ArgumentParser) -> None:
                         help="std of the noise added to the official random init (default 0.02)")
     parser.add_argument("--tolerance", type=float, default=None, help="relative tolerance (default 1e-4)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads of torch (default: torch's own choice). On a shared machine 1 gives "
+                             "steadier step times: idle-spinning threads of a busy core distort multi-thread runs")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--golden", metavar="DIR",
-                        help="instead of comparing: write the golden decoder / criterion outputs of this checkout "
-                             "(the test data of tests/students/test_golden_*.py) to DIR")
+                        help="instead of comparing: write this checkout's golden decoder and criterion outputs and "
+                             "the official FLOP counts of its scales to DIR (the test data of "
+                             "tests/students/test_golden_*.py and test_flops.py; the FLOP counts take minutes)")
 
 
 def _number(value: float | None) -> str:
@@ -49,12 +55,14 @@ def _number(value: float | None) -> str:
 
 def report_text(report) -> str:
     """A :class:`distill.parity.ParityReport` as a heading, the stand-ins and one table."""
+    from distill.parity import GRAD_TOLERANCE_FACTOR, LOSS_FLOOR
+
     setup = report.setup
     commit = f" @ {report.commit}" if report.commit else ""
     lines = [
         f"distill parity: {report.student} vs official {report.kind}{commit} ({report.checkout})",
         f"  config {report.config}; input {setup['input']}, {setup['targets']} targets, seed {setup['seed']}, "
-        f"{setup['num_classes']} classes, {setup['device']}",
+        f"{setup['num_classes']} classes, {setup['device']}, {setup['threads']} thread(s)",
         f"  inputs: official {setup['official_input']}; ours {setup['our_input']}",
         f"  weights: {setup['weights']}",
         "  stand-ins the official code needs here (applied inside this command only):",
@@ -74,7 +82,8 @@ def report_text(report) -> str:
     lines.append(format_table(cells, ("check", "official", "ours", "rel. diff", "", "")))
     lines.append("")
     verdict = "every check within tolerance" if report.ok else "SOME CHECKS EXCEED THE TOLERANCE"
-    lines.append(f"relative tolerance {report.tolerance:g}: {verdict}")
+    lines.append(f"relative tolerance {report.tolerance:g} (gradients {GRAD_TOLERANCE_FACTOR * report.tolerance:g}; "
+                 f"loss terms relative to at least {LOSS_FLOOR:g}): {verdict}")
     return "\n".join(lines)
 
 
@@ -95,6 +104,10 @@ def parity(args: argparse.Namespace) -> int:
         size = (args.size[0], args.size[-1])
     if args.batch < 1 or args.num_classes < 1 or args.repeats < 0 or args.warmup < 0:
         raise UserError("--batch and --num-classes must be >= 1, --repeats and --warmup >= 0")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     print(f"distill parity: building {args.student} from the {checkout.kind} checkout and ours...", file=sys.stderr)
     report = run_parity(checkout, args.student, config=args.config, num_classes=args.num_classes,
                         batch=args.batch, input_size=size,

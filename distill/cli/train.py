@@ -18,37 +18,23 @@ def _main_process() -> bool:
 
 
 def train(args: argparse.Namespace) -> int:
-    from distill.config import load_config
-    from distill.engine import Trainer, train_from_config
-    from distill.rundir import RunDir
+    import distill
+    from distill.errors import UserError
 
     overrides = list(args.overrides)
     if args.config and "=" in args.config:  # `distill train --resume RUN a=b` parses a=b as the config
         overrides.insert(0, args.config)
         args.config = None
-    if args.resume:
-        summary = Trainer.resume(args.resume, overrides).fit()
-        run = RunDir(args.resume)
-    else:
-        if not args.config:
-            from distill.errors import UserError
-
-            raise UserError("give a CONFIG file (e.g. experiments/quickstart.yaml) or --resume RUN_DIR")
-        summary = train_from_config(args.config, overrides)
-        run = RunDir(load_config(args.config, overrides).output_dir)
+    if not args.resume and not args.config:
+        raise UserError("give a CONFIG file (e.g. experiments/quickstart.yaml) or --resume RUN_DIR")
+    result = distill.train(args.config, overrides, resume=args.resume)
     if not _main_process():
         return 0
-    plot = run.path / "curves.png"
-    try:
-        from distill import viz
-
-        viz.save(viz.plot_curves([viz.read_run(run.path)]), plot)
-    except (OSError, ValueError) as err:  # a missing plot must not fail a finished run
-        print(f"(no curves plot: {err})")
-        plot = None
-    print(f"best AP {summary['best_AP']:.4g} at epoch {summary['best_epoch']} ({summary['wall_time_s']:.0f} s)")
-    print(f"metrics:    {run.metrics_path}")
-    print(f"checkpoint: {run.best_path}")
-    if plot:
-        print(f"curves:     {plot}")
+    if result.get("curves_error"):
+        print(f"(no curves plot: {result['curves_error']})")
+    print(f"best AP {result['best_AP']:.4g} at epoch {result['best_epoch']} ({result['wall_time_s']:.0f} s)")
+    print(f"metrics:    {os.path.join(result['run_dir'], 'metrics.jsonl')}")
+    print(f"checkpoint: {result['checkpoint'] or os.path.join(result['run_dir'], 'checkpoints', 'best.pt')}")
+    if result["curves"]:
+        print(f"curves:     {result['curves']}")
     return 0

@@ -31,9 +31,11 @@ def pca_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference", type=int, default=0, help="index of the reference checkpoint")
     parser.add_argument("--foreground", action="store_true",
                         help="fit the bases on foreground positions only (teacher's first principal component)")
-    parser.add_argument("--cosine", choices=["projector", "fit", "none"], default="projector",
-                        help="projector: the run's DSI projector (from last.pt), a ridge fit where there is none; "
-                             "fit: a ridge fit for every checkpoint")
+    parser.add_argument("--cosine", choices=["fit", "projector", "none"], default="fit",
+                        help="how every row's F5 is carried into the teacher's space for the cosine column, the "
+                             "same for all rows so that they compare. fit (default): a ridge fit per checkpoint "
+                             "on the shown images, scored on held-out positions; projector: each run's trained "
+                             "DSI projector (from last.pt; rows without one get no cosine); none: no column")
     parser.add_argument("--out", default="viz_pca.png")
 
 
@@ -59,6 +61,7 @@ def pca(args: argparse.Namespace) -> int:
     viz.save(panel.figure, args.out)
     print(json.dumps({
         "out": args.out, "images": panel.image_paths, "size": panel.size, "teacher": panel.teacher,
+        "cosine": panel.cosine,
         "rows": [{"label": f.label.replace("\n", " "), "taps": list(f.taps), "cos_source": f.cos_source,
                   "mean_cos": None if c is None else round(c, 4), "note": f.note}
                  for f, c in zip(panel.features, panel.mean_cos())],

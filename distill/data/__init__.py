@@ -152,5 +152,5 @@ def build_dataloader(cfg: DataConfig | dict[str, Any], split: str, epoch: int = 
     train = split == "train"
     return make_loader(ds, Collator(cfg, shared, train=train), shared,
                        batch_size=cfg.batch_size if train else cfg.val_batch_size, num_workers=cfg.num_workers,
-                       train=train, persistent_workers=cfg.persistent_workers, pin_memory=cfg.pin_memory,
+                       train=train, persistent_workers=cfg.persistent_workers, pin_memory=bool(cfg.pin_memory),
                        drop_last=cfg.drop_last, seed=cfg.seed)

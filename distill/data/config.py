@@ -136,7 +136,7 @@ class DataConfig:
     val_batch_size: int = 64  # per process
     num_workers: int = 2
     persistent_workers: bool = True
-    pin_memory: bool = False
+    pin_memory: bool | None = None  # page-locked batches; None: on when training on CUDA (the engine decides)
     drop_last: bool = True
     strict: bool = False  # a bad annotation or unreadable image is fatal instead of dropped / skipped
     max_samples: int = 0  # use only the first N images of each split (0 = all); for smoke runs

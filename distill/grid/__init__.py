@@ -2,6 +2,7 @@
 
 * :mod:`~distill.grid.spec`: the grid file (format in its docstring), expansion, run names and hashes;
 * :mod:`~distill.grid.runner`: launchers (in-process, subprocess / torchrun), ``manifest.jsonl``, ``grid.json``;
+* :mod:`~distill.grid.cluster`: cells as cluster jobs through submitit (SLURM or its local executor), preemption;
 * :mod:`~distill.grid.results`: the runs' results, ``results.csv`` / ``results.md`` and the plots;
 * :mod:`~distill.grid.calibrate`: GAM's rho / delta from a static-weight grid.
 """
@@ -9,6 +10,7 @@
 from __future__ import annotations
 
 from .calibrate import calibrate, is_static, mean_ratio
+from .cluster import CLUSTERS, CellJob, cancel, log_tail, node_command, plan, refresh, sbatch_options, submit, wait
 from .results import (
     GridResults,
     RunResult,
@@ -34,12 +36,13 @@ from .runner import (
     subprocess_runner,
     write_grid_info,
 )
-from .spec import Axis, Grid, Run, expand, format_override, load_grid, run_hash, value_text
+from .spec import Axis, Grid, LauncherConfig, Run, expand, format_override, load_grid, run_hash, value_text
 
 __all__ = [
-    "LAUNCHERS", "Axis", "Grid", "GridResults", "Manifest", "Run", "RunResult", "Runner", "calibrate",
-    "cells_markdown", "collect", "expand", "format_override", "inprocess_runner", "is_static",
-    "launch_command", "load_grid", "load_results", "markdown", "mean_ratio", "plot_ap", "plot_best", "plot_gam",
-    "run_grid", "run_hash", "runs_markdown", "statuses", "subprocess_runner", "summarize_run", "value_text",
-    "write_csv", "write_grid_info",
+    "CLUSTERS", "LAUNCHERS", "Axis", "CellJob", "Grid", "GridResults", "LauncherConfig", "Manifest", "Run",
+    "RunResult", "Runner", "calibrate", "cancel", "cells_markdown", "collect", "expand", "format_override",
+    "inprocess_runner", "is_static", "launch_command", "load_grid", "load_results", "log_tail", "markdown",
+    "mean_ratio", "node_command", "plan", "plot_ap", "plot_best", "plot_gam", "refresh", "run_grid", "run_hash",
+    "runs_markdown", "sbatch_options", "statuses", "submit", "subprocess_runner", "summarize_run", "value_text",
+    "wait", "write_csv", "write_grid_info",
 ]

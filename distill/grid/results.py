@@ -8,7 +8,8 @@ Reads the output directory of a grid (``manifest.jsonl``, ``grid.json``) and eac
 * ``results.csv``: one row per run (axis values, best AP and its sub-metrics, final weight(s), mean AIFI share,
   wall time);
 * ``results.md``: one row per cell of the non-seed axes, mean ± sample std over seeds (plus a 2-D pivot of the
-  best AP when there are exactly two non-seed axes);
+  best AP when there are exactly two non-seed axes, and, for a grid with seeds, the paired differences between
+  cells with their 95% Student-t interval and epochs ahead: :mod:`distill.grid.stats`);
 * ``ap_per_epoch.png`` (AP per epoch, one line per cell, seed range shaded), ``gam_per_epoch.png`` (distill
   weight and AIFI gradient share per epoch) and ``best_ap.png`` (best AP per cell with every run, and against
   the mean AIFI share).
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import MissingPathError, UserError
 from .runner import GRID_INFO, MANIFEST, Manifest
 from .spec import SEED_KEY, value_text
+from .stats import METHOD, PairedDiff, paired_difference, paired_markdown, pairs_to_compare
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -100,6 +102,9 @@ def load_results(grid_dir: str | Path) -> GridResults:
     manifest = Manifest(grid_dir / MANIFEST)
     if not manifest.records:
         raise MissingPathError(f"{grid_dir}: no {MANIFEST} with runs (is this a grid output directory?)")
+    from .cluster import overlay_job_states  # cells run as cluster jobs record their own end
+
+    overlay_job_states(grid_dir, manifest.records)
     info_path = grid_dir / GRID_INFO
     info = {}
     if info_path.exists():
@@ -261,6 +266,21 @@ def runs_markdown(results: GridResults) -> str:
     return "\n".join(lines)
 
 
+def paired_differences(results: GridResults, key: str = "AP") -> list[PairedDiff]:
+    """Paired differences of best AP between cells (:mod:`distill.grid.stats`), paired by the seed axis; [] for a
+    grid without seeds, with several seed axes, or whose cells differ in data order (an axis on ``data.seed``)."""
+    seeds = results.seed_axes
+    if len(seeds) != 1 or any(a["key"] == "data.seed" for a in results.axes if not a.get("seed")):
+        return []
+    cells = list(results.cells().values())
+    best = [{r.values.get(seeds[0]): summarize_run(r)["best_AP"] for r in runs} for runs in cells]
+    curves = [{r.values.get(seeds[0]): dict(zip(map(int, r.series(key)[0]), r.series(key)[1])) for r in runs}
+              for runs in cells]
+    labels = [results.cell_label(runs[0]) for runs in cells]
+    return [paired_difference(best[i], best[j], curves[i], curves[j], (labels[i], labels[j]))
+            for i, j in pairs_to_compare(len(cells))]
+
+
 def markdown(results: GridResults) -> str:
     """``results.md``: a title, what the numbers are, :func:`cells_markdown` and :func:`pivot_markdown`."""
     seeds = results.seed_axes
@@ -273,6 +293,12 @@ def markdown(results: GridResults) -> str:
     if pivot is not None:
         row_axis, col_axis = results.cell_axes
         lines += ["", f"## Best AP: {row_axis} (rows) x {col_axis} (columns)", "", pivot]
+    diffs = [d for d in paired_differences(results) if d.n]
+    if diffs:
+        lines += ["", "## Paired differences of best AP (b − a, paired by seed)", "",
+                  f"Each seed's runs share initialisation and data order; the interval is {METHOD}. "
+                  "Epochs ahead: evaluated epochs at which b's AP is above a's, per seed.", "",
+                  paired_markdown(diffs)]
     return "\n".join(lines) + "\n"
 
 

@@ -1,8 +1,9 @@
 """Running a grid: launchers (in this process, or one subprocess group per run) and the manifest.
 
 ``manifest.jsonl`` (one line per run, rewritten atomically on every change) records overrides, hash, status
-(pending / running / done / failed) and times; a rerun skips the runs that are done. ``grid.json`` records the
-axes and runs for :mod:`distill.grid.results`.
+(pending / running / done / failed, and cancelled for cluster jobs) and times; a rerun skips the runs that are
+done. ``grid.json`` records the axes and runs for :mod:`distill.grid.results`. Cells run as cluster jobs
+(:mod:`distill.grid.cluster`) add their job's id, node list and log paths to the same records.
 
 A subprocess run is ``python -m distill.cli train CONFIG KEY=VALUE ... output_dir=DIR`` for one process and
 ``python -m torch.distributed.run --standalone --nproc_per_node N -m distill.cli train ...`` for N > 1. torchrun
@@ -25,7 +26,7 @@ from typing import Any
 from ..errors import UserError
 from .spec import Grid, Run, expand, format_override
 
-STATUSES = ("pending", "running", "done", "failed")
+STATUSES = ("pending", "running", "done", "failed", "cancelled")
 LAUNCHERS = ("inprocess", "subprocess")
 MANIFEST = "manifest.jsonl"
 GRID_INFO = "grid.json"
@@ -55,13 +56,15 @@ class Manifest:
                     raise UserError(f"{self.path}:{number}: a record must be a JSON object with a 'run'")
                 self.records[rec["run"]] = rec
 
-    def update(self, run: str, **fields: Any) -> dict:
+    def update(self, run: str, *, write: bool = True, **fields: Any) -> dict:
+        """Set fields of a run's record (created if new); ``write=False`` leaves the file to :meth:`save`."""
         rec = self.records.setdefault(run, {"run": run})
         rec.update(fields)
-        self._write()
+        if write:
+            self.save()
         return rec
 
-    def _write(self) -> None:
+    def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in self.records.values()))
@@ -72,7 +75,7 @@ class Manifest:
         return rec.get("status") if rec else None
 
 
-def _now() -> str:
+def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
@@ -157,7 +160,7 @@ def run_grid(
     manifest = Manifest(Path(grid.output_dir) / MANIFEST)
     for run in runs:
         if manifest.status(run.dirname) is None:
-            manifest.update(run.dirname, **_record(grid, run), status="pending")
+            manifest.update(run.dirname, **cell_record(grid, run), status="pending")
     final = {}
     for run in runs:
         out_dir = str(Path(grid.output_dir) / run.dirname)
@@ -166,26 +169,27 @@ def run_grid(
             final[run.dirname] = "done"
             continue
         log(f"[{run.index + 1}/{len(runs)}] {run.dirname}: running")
-        manifest.update(run.dirname, **_record(grid, run), status="running", start=_now(), end=None, error=None)
+        manifest.update(run.dirname, **cell_record(grid, run), status="running", start=now(), end=None, error=None)
         start = time.time()
         try:
             runner(grid.base, run.override_args(), out_dir)
         except KeyboardInterrupt:
-            manifest.update(run.dirname, status="failed", end=_now(), error="interrupted")
+            manifest.update(run.dirname, status="failed", end=now(), error="interrupted")
             raise
         except Exception as err:  # noqa: BLE001 (one failed run must not stop the grid)
-            manifest.update(run.dirname, status="failed", end=_now(), seconds=time.time() - start,
+            manifest.update(run.dirname, status="failed", end=now(), seconds=time.time() - start,
                             error=f"{type(err).__name__}: {err}")
             log(f"    failed: {type(err).__name__}: {err}")
             final[run.dirname] = "failed"
             if fail_fast:
                 break
             continue
-        manifest.update(run.dirname, status="done", end=_now(), seconds=time.time() - start)
+        manifest.update(run.dirname, status="done", end=now(), seconds=time.time() - start)
         final[run.dirname] = "done"
     return final
 
 
-def _record(grid: Grid, run: Run) -> dict:
+def cell_record(grid: Grid, run: Run) -> dict:
+    """What the manifest records of a run whatever runs it: its place in the grid, overrides and config."""
     return {"index": run.index, "slug": run.slug, "hash": run.hash, "values": run.values,
             "overrides": run.override_args(), "config": grid.base}

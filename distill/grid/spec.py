@@ -12,6 +12,7 @@ A grid file::
       - {taps: [{tap: a, weight: 5}], gam: true}
     seeds: [0, 1]                              # shorthand for an axis on `seed`, crossed with everything
     output_dir: runs/taps                      # relative to this file; default <file dir>/<file stem>
+    launcher: {partition: gpu, nodes: 1, gpus_per_node: 4}   # cluster jobs: LauncherConfig, distill.grid.cluster
 
 Each run lives in ``<output_dir>/<slug>-<hash8>``: the slug is readable (``taps-F5_w-5_seed-0``), the hash is
 of the resolved overrides (stable across machines and key order). Overrides reach the trainer as
@@ -34,11 +35,62 @@ from typing import Any
 import yaml
 
 from ..errors import MissingPathError, UserError
+from ..yamlconf import ConfigError, build
 
-GRID_KEYS = ("base", "overrides", "axes", "mode", "exclude", "seeds", "output_dir")
+GRID_KEYS = ("base", "overrides", "axes", "mode", "exclude", "seeds", "output_dir", "launcher")
 AXIS_KEYS = ("key", "values", "name")
 MODES = ("product", "zip")
 SEED_KEY = "seed"
+
+
+@dataclass
+class LauncherConfig:
+    """The ``launcher:`` block of a grid file: how each cell runs as one cluster job (``--launcher slurm`` or
+    ``local``; :mod:`distill.grid.cluster`). It is not part of a cell's identity (hash): a grid moves between
+    clusters unchanged. Command-line options replace keys of it.
+
+    One job per cell: ``nodes`` x (one task running torchrun with ``nproc_per_node`` training processes). SLURM
+    names are submitit's (``timeout_min`` -> ``--time``, ``mem_gb`` -> ``--mem``); ``additional_parameters``
+    adds any other sbatch option (``{exclusive: true, mail-type: END}`` -> ``--exclusive``, ``--mail-type=END``).
+    """
+
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    nodes: int = 1
+    gpus_per_node: int = 1
+    nproc_per_node: int = 0  # training processes per node; 0: one per GPU (one on a job without GPUs)
+    cpus_per_task: int = 8  # the one task of a node: all its training processes and their data workers
+    mem_gb: float | None = None  # None: the partition's default
+    timeout_min: int = 24 * 60
+    signal_delay_s: int = 120  # the warning signal (USR2) comes this long before the time limit
+    max_timeouts: int = 20  # requeues after reaching the time limit (preemptions do not count)
+    additional_parameters: dict[str, Any] = field(default_factory=dict)
+    setup: list[str] = field(default_factory=list)  # shell lines run before the job (module load, source venv)
+    python: str = ""  # the interpreter on the nodes; default: the one submitting
+    name: str = ""  # job name prefix; default: the grid file's stem
+
+    def validate(self, where: str = "launcher") -> None:
+        checks = [
+            (self.nodes >= 1, f"{where}.nodes={self.nodes} must be >= 1"),
+            (self.gpus_per_node >= 0, f"{where}.gpus_per_node={self.gpus_per_node} must be >= 0"),
+            (self.nproc_per_node >= 0, f"{where}.nproc_per_node={self.nproc_per_node} must be >= 0 (0: one per GPU)"),
+            (self.cpus_per_task >= 1, f"{where}.cpus_per_task={self.cpus_per_task} must be >= 1"),
+            (self.mem_gb is None or self.mem_gb > 0, f"{where}.mem_gb={self.mem_gb} must be > 0 (or null)"),
+            (self.timeout_min >= 1, f"{where}.timeout_min={self.timeout_min} must be >= 1"),
+            (0 < self.signal_delay_s < 60 * self.timeout_min,
+             f"{where}.signal_delay_s={self.signal_delay_s} must be > 0 and below the time limit "
+             f"({60 * self.timeout_min} s)"),
+            (self.max_timeouts >= 0, f"{where}.max_timeouts={self.max_timeouts} must be >= 0"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @property
+    def processes_per_node(self) -> int:
+        return self.nproc_per_node or max(1, self.gpus_per_node)
 
 
 @dataclass
@@ -58,6 +110,7 @@ class Grid:
     overrides: dict = field(default_factory=dict)
     exclude: list[dict] = field(default_factory=list)
     output_dir: str = ""
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 
 @dataclass
@@ -127,7 +180,11 @@ def load_grid(path: str | os.PathLike, output_dir: str | None = None) -> Grid:
             raise UserError(f"{path}: exclude rule {rule} names {bad}, which are not axes ({sorted(known)})")
     # a command-line output_dir is relative to the working directory, the file's own to the file
     out = Path(output_dir).resolve() if output_dir else (here / str(data.get("output_dir") or path.stem)).resolve()
-    return Grid(str(path), str(base), axes, mode, dict(overrides), exclude, str(out))
+    try:
+        launcher = build(LauncherConfig, data.get("launcher") or {}, "launcher")
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
+    return Grid(str(path), str(base), axes, mode, dict(overrides), exclude, str(out), launcher)
 
 
 def _parse_axes(path: Path, raw) -> list[Axis]:

@@ -14,7 +14,7 @@ def label_colour(label: int) -> tuple[int, int, int]:
 
 def draw_detections(image_path: str | os.PathLike, record: Mapping[str, Any], names: Mapping[int, str],
                     out_path: str | os.PathLike) -> str:
-    """Draw a record of :func:`distill.predict.predict_images` (boxes, labels, scores) on its image; returns the
+    """Draw a record of :func:`distill.detect.predict_images` (boxes, labels, scores) on its image; returns the
     written path."""
     from PIL import Image, ImageDraw
 

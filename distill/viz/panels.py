@@ -7,11 +7,17 @@ grid. The PCA bases are fitted once (per tap, on a reference checkpoint, over al
 checkpoint, so the same colour means the same direction in feature space.
 
 Checkpoints are anything :func:`students.checkpoint.read_weights` takes (a run directory, ``best.pt`` /
-``last.pt``, an official ``.pth``, a saved student). The projection for the cosine map is the run's own DSI
-projector (:meth:`distill.rundir.RunDir.projector`, from ``last.pt``). A checkpoint without one (a plain run, a
-file outside a run) gets a ridge regression from its F5 to the teacher instead, fitted on the shown images and
-evaluated on held-out positions (5-fold), labelled as such; ``cosine='fit'`` uses that fit for every checkpoint,
-the like-for-like comparison.
+``last.pt``, an official ``.pth``, a saved student). The cosine map needs the student's F5 carried into the
+teacher's space, and every row of a panel gets there the same way, so that rows compare:
+
+* ``cosine='fit'`` (the default): a ridge regression from each checkpoint's F5 to the teacher, fitted on the
+  shown images and evaluated on held-out positions (5-fold). A plain run has no projector, and a distilled run's
+  own projector was trained to agree with the teacher: scoring one through it and the other through a fit would
+  compare two measurements, not two students.
+* ``cosine='projector'``: each run's trained DSI projector (:meth:`distill.rundir.RunDir.projector`, from
+  ``last.pt``), what the DSI loss saw. A checkpoint without one (a plain run, a file outside a run, a teacher of
+  another width) gets no cosine map and a note saying why, never a ridge fit in its place.
+* ``cosine='none'``: no cosine column.
 """
 
 from __future__ import annotations
@@ -40,7 +46,9 @@ if TYPE_CHECKING:
 FIG4_TAPS = ("F5", "P3", "P4", "P5")
 TAP_TITLES = {"F5": "F5 (AIFI)", "P3": "P3 (CCFF)", "P4": "P4 (CCFF)", "P5": "P5 (CCFF)"}
 BASES = ("auto", "reference", "each")
-COSINES = ("projector", "fit", "none")
+COSINES = ("fit", "projector", "none")
+# how each method is named under each cosine cell of the panel
+COSINE_TITLES = {"fit": "ridge fit, held-out", "projector": "run's DSI projector"}
 
 
 # ================================================================================================================
@@ -126,12 +134,13 @@ def checkpoint_features(
     images: Sequence[torch.Tensor],
     taps: Sequence[str] = FIG4_TAPS,
     teacher_grids: Sequence[torch.Tensor] | None = None,
-    cosine: str = "projector",
+    cosine: str = "fit",
     label: str | None = None,
     student: str | None = None,
 ) -> CheckpointFeatures:
     """Load a checkpoint (any kind :func:`students.checkpoint.read_weights` takes) and compute its taps, and its
-    cosine maps when teacher grids are given. ``student`` names the scale of a file that does not record it."""
+    cosine maps when teacher grids are given (``cosine``: see the module docstring). ``student`` names the scale
+    of a file that does not record it."""
     import torch
 
     from students.checkpoint import read_weights
@@ -154,22 +163,21 @@ def checkpoint_features(
         return feats
     f5 = [p["F5"] for p in per_image] if "F5" in names else [student_taps(model, i, ["F5"])["F5"] for i in images]
     if cosine == "fit":
-        projector = Projector(None, "cosine='fit'")
-    else:
-        projector = run.projector("F5") if run else Projector(None, "not in a run directory")
-    why = projector.note
-    if projector.module is not None:
-        try:
-            with torch.no_grad():
-                feats.cos = [cosine_map(projector.module(g[None])[0], t) for g, t in zip(f5, teacher_grids)]
-            feats.cos_source = "projector"
-            if projector.epoch != weights.epoch:  # best.pt is usually older than the last.pt of the projector
-                feats.note = f"{projector.note}, student weights from epoch {weights.epoch}"
-            return feats
-        except RuntimeError as err:  # a different teacher than the run's: the dimensions do not match
-            why = f"projector does not fit this teacher ({err})"
-    feats.cos, feats.cos_source = fitted_cosines(f5, teacher_grids), "fit"
-    feats.note = f"cosine from a ridge fit, held-out positions ({why})"
+        feats.cos, feats.cos_source = fitted_cosines(f5, teacher_grids), "fit"
+        return feats
+    projector = run.projector("F5") if run else Projector(None, "not in a run directory")
+    if projector.module is None:
+        feats.note = f"no cosine: no DSI projector ({projector.note}); the fit method scores every row alike"
+        return feats
+    try:
+        with torch.no_grad():
+            feats.cos = [cosine_map(projector.module(g[None])[0], t) for g, t in zip(f5, teacher_grids)]
+    except RuntimeError as err:  # a different teacher than the run's: the dimensions do not match
+        feats.note = f"no cosine: the run's projector does not fit this teacher ({err})"
+        return feats
+    feats.cos_source = "projector"
+    if projector.epoch != weights.epoch:  # best.pt is usually older than the last.pt of the projector
+        feats.note = f"{projector.note}, student weights from epoch {weights.epoch}"
     return feats
 
 
@@ -266,7 +274,8 @@ def plot_feature_panel(
     bases = fit_bases(features, basis, reference, masks)
     tap_names = list(dict.fromkeys(n for f in features for n in f.taps))
     has_teacher = teacher_grids is not None
-    has_cos = any(f.cos is not None for f in features)
+    cos_method = panel_cosine(features)
+    has_cos = cos_method is not None
     columns = ["input", *tap_names] + (["teacher"] if has_teacher else []) + (["cos"] if has_cos else [])
     n_rows = len(images) * len(features)
     h0, w0 = images[0].shape[-2:]
@@ -288,13 +297,9 @@ def plot_feature_panel(
                         _show(ax, t_basis.rgb(teacher_grids[i]), extent)
                     else:
                         ax.axis("off")
-                elif col == "cos":
-                    if feats.cos is None:
-                        ax.axis("off")
-                        continue
+                elif col == "cos" and feats.cos is not None:
                     cos_image = _show(ax, feats.cos[i].numpy(), extent, cmap="viridis", vmin=0.0, vmax=1.0)
-                    tag = "proj." if feats.cos_source == "projector" else "ridge, held-out"
-                    ax.set_xlabel(f"mean {feats.cos[i].mean():.2f} ({tag})", fontsize=7)
+                    ax.set_xlabel(f"mean {feats.cos[i].mean():.2f} ({COSINE_TITLES[cos_method]})", fontsize=7)
                 elif col in feats.taps:
                     _show(ax, bases[k][col].rgb(feats.taps[col][i]), extent)
                     g = feats.taps[col][i]
@@ -302,7 +307,7 @@ def plot_feature_panel(
                 else:
                     ax.axis("off")
                 if i == 0 and k == 0:
-                    ax.set_title(_column_title(col, teacher_name), fontsize=9)
+                    ax.set_title(_column_title(col, teacher_name, cos_method), fontsize=9)
                 if col == "input" and k == 0 and image_names:
                     ax.set_title(("input: " if i == 0 else "") + image_names[i], fontsize=8)
     if cos_image is not None:
@@ -319,13 +324,26 @@ def plot_feature_panel(
     return fig
 
 
-def _column_title(col: str, teacher_name: str) -> str:
+def panel_cosine(features: Sequence[CheckpointFeatures]) -> str | None:
+    """The one method every row's cosine map comes from ('fit' or 'projector'), None when no row has one.
+
+    Rows scored by different methods do not compare (a projector trained against the teacher scores higher than
+    a fit on a few images for the same features), so a panel that would mix them is refused."""
+    methods = {f.cos_source for f in features if f.cos is not None}
+    if len(methods) > 1:
+        rows = ", ".join(f"{f.label.splitlines()[0]}: {f.cos_source}" for f in features if f.cos is not None)
+        raise UserError(f"the rows' cosine maps come from different methods ({rows}); compute every row with the "
+                        "same `cosine` ('fit' for runs with and without a projector)")
+    return next(iter(methods), None)
+
+
+def _column_title(col: str, teacher_name: str, cos_method: str | None = None) -> str:
     if col == "input":
         return "input"
     if col == "teacher":
         return f"teacher: {teacher_name}"
     if col == "cos":
-        return "cos(proj. F5, teacher)"
+        return "cos(proj. F5, teacher)" if cos_method == "projector" else "cos(ridge-fit F5, teacher)"
     return TAP_TITLES.get(col, col)
 
 
@@ -366,9 +384,11 @@ class FeaturePanel:
     image_paths: list[str]
     size: int
     teacher: str | None
+    cosine: str = "fit"  # the method asked for, the same for every row (see the module docstring)
 
     def mean_cos(self) -> list[float | None]:
-        """Mean cosine (projected F5 vs teacher) over all positions of all images, per checkpoint."""
+        """Mean cosine (F5 carried into the teacher's space vs the teacher) over all positions of all images, per
+        checkpoint."""
         return [None if f.cos is None else float(np.mean([float(c.mean()) for c in f.cos])) for f in self.features]
 
     def markdown(self) -> str:
@@ -376,7 +396,7 @@ class FeaturePanel:
         lines = ["| checkpoint | taps | mean cos(F5, teacher) | cosine from | note |", "|---|---|---|---|---|"]
         for f, cos in zip(self.features, self.mean_cos()):
             source = {"projector": "the run's DSI projector",
-                      "fit": "ridge fit on these images (held-out folds)"}.get(f.cos_source, "–")
+                      "fit": "ridge fit on these images (held-out positions)"}.get(f.cos_source, "–")
             lines.append(f"| {f.label.replace(chr(10), ' ')} | {', '.join(f.taps)} | "
                          f"{'–' if cos is None else f'{cos:.3f}'} | {source} | {f.note or ''} |")
         return "\n".join(lines)
@@ -394,7 +414,7 @@ def feature_panel(
     basis: str = "auto",
     reference: int = 0,
     foreground: bool = False,
-    cosine: str = "projector",
+    cosine: str = "fit",
     max_images: int = 3,
     student: str | None = None,
 ) -> FeaturePanel:
@@ -405,7 +425,8 @@ def feature_panel(
     :class:`~distill.config.TrainConfig`) or of the first distillation checkpoint's recorded config (none found,
     or ``use_teacher=False``: student taps only). size: long side of the inputs (default: ``data.img_size`` of
     ``config``, else the size the first checkpoint records, else 640). student: the scale of checkpoints that do
-    not record theirs (default: ``model.student`` of ``config``)."""
+    not record theirs (default: ``model.student`` of ``config``). cosine: 'fit' (every row by a held-out ridge
+    fit, the default), 'projector' (every row through its run's DSI projector) or 'none'."""
     from students.checkpoint import read_weights
     from teachers import load_teacher
 
@@ -413,6 +434,8 @@ def feature_panel(
 
     if not checkpoints:
         raise UserError("feature_panel needs at least one checkpoint")
+    if cosine not in COSINES:  # before any weights or teacher load
+        raise UserError(f"cosine {cosine!r} is not valid; choose from {list(COSINES)}")
     if labels is not None and len(labels) != len(checkpoints):
         raise UserError(f"labels: {len(labels)} entries for {len(checkpoints)} checkpoints")
     weights = [read_weights(p) for p in checkpoints]
@@ -437,4 +460,4 @@ def feature_panel(
     name = getattr(model, "name", None)
     fig = plot_feature_panel(pictures, feats, grids, name or "teacher", basis, reference, foreground,
                              [os.path.basename(p) for p in paths])
-    return FeaturePanel(fig, feats, paths, size, name)
+    return FeaturePanel(fig, feats, paths, size, name, cosine)

@@ -1,9 +1,9 @@
-"""ONNX export: ONNX Runtime against PyTorch per family, dynamic batch, no distillation weight in the file,
-the official two-input interface, and the zero-overhead comparison of a run."""
+"""ONNX export: ONNX Runtime against PyTorch per family, dynamic batch, no distillation weight in the file and the
+official two-input interface (the export options: test_export_options.py; a run against a plain student:
+test_compare.py)."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from distill.cli import main as cli_main
-from distill.compare import compare_run
-from distill.export import export_onnx, onnx_initializers, onnx_session, run_onnx
+from distill.onnx_export import export_onnx, onnx_initializers, onnx_session, run_onnx
 from students import build_student
 from students.checkpoint import CheckpointError
 from students.flops import count_params
@@ -149,34 +148,6 @@ def test_orig_target_sizes_input_scales_boxes(tmp_path):
         np.testing.assert_array_equal(labels[b], ref_labels[0])
         np.testing.assert_allclose(scores[b], ref_scores[0], atol=1e-6, rtol=0)
         np.testing.assert_allclose(boxes[b], ref_boxes[0] * factor, atol=1e-3, rtol=1e-5)
-
-
-def test_compare_run_shows_zero_overhead(tmp_path, capsys):
-    model = _calibrated("deimv2_atto", 160)
-    ckpt_dir = tmp_path / "run" / "checkpoints"
-    hidden = get_spec("deimv2_atto").encoder_kwargs["hidden_dim"]
-    injectors = {"injectors.f5.proj.weight": torch.randn(PROJ_DIM, hidden),
-                 "injectors.f5.proj.bias": torch.randn(PROJ_DIM)}
-    student_sd = {f"student.{k}": v for k, v in model.state_dict().items()}
-    _best_pt(model, str(ckpt_dir / "best.pt"))
-    _best_pt(model, str(ckpt_dir / "last.pt"), ema={"module": model.state_dict()},
-             train_model={**student_sd, **injectors})
-
-    report = compare_run(str(tmp_path / "run"), input_size=(160, 160))
-    json.dumps(report)  # the CLI prints it as JSON
-    assert report["student"] == "deimv2_atto" and report["input_size"] == [160, 160]
-    # the official deployed size of DEIMv2-Atto (docs/OFFICIAL.md §2.5), for both
-    official = get_spec("deimv2_atto").official.deploy_params
-    assert report["params_distilled"] == report["params_plain"] == official
-    assert report["gflops_distilled"] == report["gflops_plain"] > 0
-    assert report["onnx_weights_distilled"] == report["onnx_weights_plain"]
-    assert report["distill_module_params"] == PROJ_DIM * hidden + PROJ_DIM
-    student_floats = sum(v.numel() for k, v in student_sd.items() if v.is_floating_point())
-    assert report["train_weights"] == student_floats + PROJ_DIM * hidden + PROJ_DIM
-    assert report["max_abs_diff"] == 0.0
-    vs = report["vs_pytorch"]
-    assert vs["scores"] < 1e-4 and vs["boxes"] < 1e-4 * 160 and vs["unmatched"] == 0
-    assert report["zero_overhead"] is True
 
 
 def test_load_student_from_official_checkpoint_sets_projector_aside(tmp_path):

@@ -14,6 +14,7 @@ import yaml
 from PIL import Image
 
 from distill.cli import main as cli_main
+from distill.cli import parser_for
 from distill.cli.grid import grid as grid_command
 from distill.errors import UserError
 from distill.grid import (
@@ -150,8 +151,7 @@ def test_grid_command_dry_run_and_exit_codes(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "3 run(s)" in out and "w-20-" in out and "new" in out
     assert not (tmp_path / "out" / "manifest.jsonl").exists()
-    args = argparse.Namespace(grid=str(path), dry_run=False, launcher="inprocess", nproc_per_node=1, launch_args="",
-                              output_dir=None, fail_fast=False)
+    args = parser_for("grid")[0].parse_args([str(path)])  # every option at its default: in-process
     assert grid_command(args, runner=FakeRunner(fail=["w-5"])) == 1
     assert grid_command(args, runner=FakeRunner()) == 0
     assert "3/3 run(s) done" in capsys.readouterr().out
@@ -284,6 +284,53 @@ def test_calibrate(static_grid, capsys):
     saved = json.loads((static_grid / "calibration.json").read_text())
     assert saved["rho"] == pytest.approx(rho) and saved["gam"]["enabled"] is True
     assert "rho = " in capsys.readouterr().out
+
+
+# GAM cells beside static ones: the GAM runs reach the best AP with a share near the rho they were given (0.30).
+# 'moves': the weight changes between epochs (no config.yaml written); otherwise only the run's config says GAM.
+def _write_gam_run(overrides, out: Path):
+    w, gam, moves = float(overrides["distill.injections.0.weight"]), overrides["distill.gam.enabled"] == "true", \
+        overrides["moves"] == "true"
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [{"epoch": e, "AP": (0.60 if gam else START[int(w)]) + 0.01 * e,
+              "distill_weight": w * (1 + e) if moves else w, "aifi_grad_ratio": 0.30 if gam else RATIOS[int(w)][0]}
+             for e in range(3)]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    if gam and not moves:
+        config = {"distill": {"teachers": {"main": {"preset": "dinov3_vitb16"}},
+                              "gam": {"enabled": True, "rho": 0.30, "delta": 0.03}}}
+        (out / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def _gam_grid(tmp_path, weights, gam, moves) -> Path:
+    axes = [{"key": "distill.injections.0.weight", "name": "w", "values": weights},
+            {"key": "distill.gam.enabled", "name": "gam", "values": gam},
+            {"key": "moves", "name": "moves", "values": moves}]
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    grid = load_grid(_grid(tmp_path, axes=axes, mode="zip", seeds=[0]))
+    run_grid(grid, runner=FakeRunner(write=_write_gam_run), log=lambda _: None)
+    return Path(grid.output_dir)
+
+
+def test_calibrate_keeps_gam_runs_apart(tmp_path, capsys):
+    """GAM runs never give rho, even with the best AP: their share follows the rho they were given. Found by the
+    run's config (weight unmoved) or by a weight that moved (no config)."""
+    grid = _gam_grid(tmp_path, [5, 20, 5, 10], [False, False, True, True], [False, False, True, False])
+    result = calibrate(grid)
+    assert result["best_cell"] == {"w": 5, "gam": False, "moves": False}
+    assert result["rho"] == pytest.approx(RATIOS[5][0]) and len(result["table"]) == 2
+    reasons = [row["reason"] for row in result["left_out"]]
+    assert len(reasons) == 2
+    assert reasons[0].startswith("w-5_gam-true") and "distill_weight changed between epochs (5 -> 15)" in reasons[0]
+    assert reasons[1].startswith("w-10_gam-true") and reasons[1].endswith("GAM on (band 0.27-0.33)")
+    assert all("left out of the calibration" in w for w in result["warnings"]) and len(result["warnings"]) == 2
+    assert cli_main(["calibrate", str(grid)]) == 0
+    out = capsys.readouterr().out
+    assert "left out of the calibration: GAM runs" in out and "w=10, gam=true, moves=false: best AP 0.6200" in out
+    # GAM runs alone: refused, naming them
+    only = _gam_grid(tmp_path / "only", [5, 10], [True, True], [True, False])
+    with pytest.raises(UserError, match=r"only runs with an AIFI share are GAM runs \(w-5_gam-true.*, w-10_gam-true"):
+        calibrate(only)
 
 
 def test_launch_command_starts_the_processes_asked_for(tmp_path):

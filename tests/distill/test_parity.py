@@ -64,6 +64,23 @@ def test_align_queries_undoes_a_permutation():
         align_queries(logits, boxes, ours_logits[:, :10], ours_boxes[:, :10])
 
 
+def test_a_different_detection_at_the_top_k_boundary_is_left_out_and_counted():
+    g = torch.Generator().manual_seed(1)
+    logits, boxes = torch.randn(2, 100, 5, generator=g), torch.rand(2, 100, 4, generator=g)
+    ours_boxes = boxes.clone()
+    ours_boxes[0, 7, 1] += 0.1  # the neighbouring anchor one cell below, as near-tied scores can pick
+    rows: list[parity.Row] = []
+    parity._compare_outputs(rows, "eval", {"pred_logits": logits, "pred_boxes": boxes},
+                            {"pred_logits": logits, "pred_boxes": ours_boxes}, 1e-4)
+    assert all(r.ok for r in rows) and rows[1].diff == 0.0
+    assert "1 different detection(s)" in rows[0].note
+    ours_boxes[:, :10] += 0.1  # 10% of the queries: a real difference, not a tie
+    rows = []
+    parity._compare_outputs(rows, "eval", {"pred_logits": logits, "pred_boxes": boxes},
+                            {"pred_logits": logits, "pred_boxes": ours_boxes}, 1e-4)
+    assert not any(r.ok for r in rows)
+
+
 def test_loss_rows_compare_every_term_in_every_case():
     official = {"loss_mal": 1.0, "loss_bbox": 2.0, "loss_ddf_aux_0": 0.5}
     ours = {"loss_mal": 1.0 + 1e-8, "loss_bbox": 2.0, "loss_ddf_aux_0": 0.5}
@@ -175,6 +192,17 @@ def test_parity_against_the_official_code(kind, student):
     if kind == "RT-DETRv4":
         assert any("distill" in s for s in report.standins)
         assert "encoder.feature_projector" in report.setup["weights"]  # set aside by our loader, and said so
+
+
+@_needs("DEIMv2")
+def test_parity_command_json(capsys):
+    args = ["parity", "--official-repo", str(_checkout("DEIMv2").root), "--student", "deimv2_atto", "--batch", "1",
+            "--repeats", "0", "--json"]
+    assert cli(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["kind"] == "DEIMv2" and report["timing"] == {}
+    assert any(s.startswith("HGNetv2.pretrained=False") for s in report["standins"])
+    assert {"dn, epoch 449", "no dn, epoch 450"} <= set(report["losses"])
 
 
 @pytest.mark.parametrize("kind", [pytest.param(k, marks=_needs(k)) for k in ("DEIM", "DEIMv2")])

@@ -24,6 +24,7 @@ from distill.config import TrainConfig, to_dict
 from distill.data.synth import render_scene
 from distill.dsi import Injectors, dsi_loss, resolve_injections
 from distill.engine import TrainModel
+from distill.errors import UserError
 from distill.images import load_images
 from distill.pca import PCABasis, foreground_mask, resize_mask
 from distill.rundir import RunDir, distill_config
@@ -98,6 +99,33 @@ def png_stats(path: str) -> tuple[tuple[int, int], float]:
     with Image.open(path) as im:
         arr = np.asarray(im.convert("RGB"), dtype=np.float64)
     return (arr.shape[1], arr.shape[0]), float(arr.std())
+
+
+def rendered(fig) -> np.ndarray:
+    """The figure drawn, as H x W x 3 in [0, 1]; once drawn, the axes' transforms hold the final layout."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3] / 255.0
+
+
+def shown_at(pixels: np.ndarray, ax, shape: tuple[int, int], frame: tuple[int, int]) -> np.ndarray:
+    """The colour the picture shows at the centre of each position of an h x w map that the panel stretched over
+    an H x W input frame: h x w x 3."""
+    (h, w), (height, width) = shape, frame
+    xs, ys = np.meshgrid((np.arange(w) + 0.5) * width / w, (np.arange(h) + 0.5) * height / h)
+    x, y = ax.transData.transform(np.stack([xs.ravel(), ys.ravel()], axis=1)).T
+    return pixels[(pixels.shape[0] - y).astype(int), x.astype(int)].reshape(h, w, 3)
+
+
+def viridis_values(colours: np.ndarray) -> np.ndarray:
+    """The value in [0, 1] each colour stands for on the panel's cosine colour scale (nearest of its 256)."""
+    from matplotlib import colormaps
+
+    lut = colormaps["viridis"](np.linspace(0.0, 1.0, 256))[:, :3]
+    nearest = ((colours.reshape(-1, 1, 3) - lut[None]) ** 2).sum(-1).argmin(1)
+    return (nearest / 255.0).reshape(colours.shape[:-1])
 
 
 # ---- PCA -------------------------------------------------------------------------------------------------------
@@ -201,7 +229,7 @@ def test_checkpoint_features_cosine_agrees_with_dsi_loss(art):
     images = load_images(viz.image_paths([art["images"]], 2), SIZE)
     teacher = load_teacher({"weights": art["teacher"]})
     grids = viz.teacher_grids_for(teacher, images)
-    feats = viz.checkpoint_features(art["distilled"], images, teacher_grids=grids)
+    feats = viz.checkpoint_features(art["distilled"], images, teacher_grids=grids, cosine="projector")
     assert list(feats.taps) == ["F5", "P4", "P5"]  # deim_dfine_n has no P3
     assert feats.taps["F5"][0].shape == (128, SIZE // 32, SIZE // 32)
     assert feats.cos_source == "projector" and feats.note == ""
@@ -210,8 +238,14 @@ def test_checkpoint_features_cosine_agrees_with_dsi_loss(art):
         student.encoder(student.backbone(images[0][None]))
         ref = dsi_loss(art["injectors"].projectors["F5"](taps["F5"]), grids[0][None], "cosine")
     assert float(feats.cos[0].mean()) == pytest.approx(float(ref["cos"]), abs=1e-5)
+    # by default every checkpoint is scored the same way, a distilled one too: a held-out ridge fit
+    fitted = viz.checkpoint_features(art["distilled"], images, teacher_grids=grids)
+    assert fitted.cos_source == "fit" and fitted.note == ""
     plain = viz.checkpoint_features(art["plain"], images, teacher_grids=grids)
-    assert plain.cos_source == "fit" and "ridge" in plain.note
+    assert plain.cos_source == "fit" and plain.note == ""
+    # asked for the projector, a run without one gets no cosine (and says why), never a fit in its place
+    bare = viz.checkpoint_features(art["plain"], images, teacher_grids=grids, cosine="projector")
+    assert bare.cos is None and bare.cos_source == "" and bare.note.startswith("no cosine: no DSI projector")
     assert viz.checkpoint_features(art["plain"], images, teacher_grids=grids, cosine="none").cos is None
 
 
@@ -231,6 +265,79 @@ def test_fit_bases_reference_auto_and_each():
         viz.fit_bases([a], "global")
 
 
+def test_rows_are_scored_by_one_cosine_method(art):
+    """A distilled and a plain run side by side: by default both through a held-out ridge fit (the distilled run's
+    own projector was trained against the teacher, the plain run has none); the projector only when asked, and
+    then a run without one has no cosine rather than a fit in its place."""
+    image = [os.path.join(art["images"], "000000.jpg")]
+    runs, labels = [art["plain"], art["distilled"]], ["plain", "distilled"]
+    panel = viz.feature_panel(runs, image, labels, taps=["F5"])
+    assert panel.cosine == "fit" and [f.cos_source for f in panel.features] == ["fit", "fit"]
+    assert panel.figure.axes[3].get_title() == "cos(ridge-fit F5, teacher)"  # input, F5, teacher, cos
+    assert all("ridge fit on these images" in line for line in panel.markdown().splitlines()[2:])
+    asked = viz.feature_panel(runs, image, labels, taps=["F5"], cosine="projector")
+    assert [f.cos_source for f in asked.features] == ["", "projector"] and asked.features[0].cos is None
+    assert asked.figure.axes[3].get_title() == "cos(proj. F5, teacher)"
+    assert "no DSI projector (no last.pt)" in asked.markdown().splitlines()[2]
+    # rows computed by different methods do not go into one panel
+    plain, distilled = panel.features
+    distilled.cos_source = "projector"
+    with pytest.raises(UserError, match="different methods"):
+        viz.plot_feature_panel(load_images(image, SIZE), [plain, distilled])
+    with pytest.raises(UserError, match="cosine 'proj' is not valid"):
+        viz.feature_panel(runs, image, cosine="proj")
+
+
+def test_panel_colours_follow_the_features():
+    """Each map cell shows, at every position, the colour of that position's own feature vector (taps, teacher)
+    or cosine value; moving the features to other positions moves the colours with them."""
+    grid, _ = planted_grid()  # 16 x 12 x 12
+    perm = torch.randperm(144, generator=torch.Generator().manual_seed(0))
+    moved = grid.reshape(16, -1)[:, perm].reshape(16, 12, 12)
+    cos = torch.linspace(-0.2, 1.0, 144).reshape(12, 12)  # the scale starts at 0: below is shown as 0
+    rows = [viz.CheckpointFeatures("a", {"F5": [grid]}, [cos], "fit", run="/run"),
+            viz.CheckpointFeatures("b", {"F5": [moved]}, [cos.reshape(-1)[perm].reshape(12, 12)], "fit", run="/run")]
+    teacher = [planted_grid(seed=1)[0]]
+    fig = viz.plot_feature_panel([torch.rand(3, 96, 96)], rows, teacher)  # one run: one basis for both rows
+    pixels = rendered(fig)
+
+    def cell(row: int, col: int) -> np.ndarray:  # fig.axes: row-major input, F5, teacher, cos; then the bar
+        return shown_at(pixels, fig.axes[4 * row + col], (12, 12), (96, 96))
+
+    expected = PCABasis.fit([grid]).rgb(grid)
+    assert expected.reshape(-1, 3).std(axis=0).min() > 0.15  # three planted patterns: no flat picture passes
+    np.testing.assert_allclose(cell(0, 1), expected, atol=2 / 255)
+    np.testing.assert_allclose(cell(1, 1).reshape(-1, 3), expected.reshape(-1, 3)[perm], atol=2 / 255)
+    np.testing.assert_allclose(cell(0, 2), PCABasis.fit(teacher).rgb(teacher[0]), atol=2 / 255)
+    np.testing.assert_allclose(viridis_values(cell(0, 3)), cos.clamp(0, 1).numpy(), atol=0.01)
+    np.testing.assert_allclose(viridis_values(cell(1, 3)).reshape(-1), cos.clamp(0, 1).reshape(-1)[perm], atol=0.01)
+
+
+def test_cosine_column_tells_the_student_the_teacher_resembles(art):
+    """Through the real pieces (students, ridge fit, figure): a teacher made of the 'distilled' student's features
+    (four leading directions of its F5, spread over 32 channels) against the other student. The distilled row's
+    cosine cells must be brighter, and each cell must show its own row's map."""
+    images = load_images(viz.image_paths([art["images"]], 2), SIZE)
+    source = viz.checkpoint_features(art["distilled"], images, ["F5"]).taps["F5"]
+    flat = torch.cat([f.reshape(f.shape[0], -1) for f in source], 1)
+    mean = flat.mean(1, keepdim=True)  # random F5 is dominated by one constant vector: leave it out
+    leading = torch.linalg.svd(flat - mean, full_matrices=False)[0][:, :4]
+    mix = torch.randn(32, 4, generator=torch.Generator().manual_seed(0)) @ leading.T
+    grids = [torch.einsum("dc,chw->dhw", mix, f - mean[..., None]) for f in source]
+    rows = [viz.checkpoint_features(art[name], images, ["F5"], grids, label=name) for name in ("plain", "distilled")]
+    fig = viz.plot_feature_panel(images, rows, grids)
+    pixels = rendered(fig)
+    side = SIZE // 32
+    shown = [[viridis_values(shown_at(pixels, fig.axes[4 * (2 * i + k) + 3], (side, side), (SIZE, SIZE)))
+              for i in range(len(images))] for k in range(len(rows))]
+    for row, cells in zip(rows, shown):
+        for cos, cell in zip(row.cos, cells):
+            np.testing.assert_allclose(cell, cos.clamp(0, 1).numpy(), atol=0.01)
+    plain, distilled = (float(np.mean(cells)) for cells in shown)
+    # measured 0.69 (plain) vs 0.83 (distilled)
+    assert distilled > plain + 0.05, (plain, distilled)
+
+
 # ---- commands --------------------------------------------------------------------------------------------------
 def test_viz_pca_command_two_checkpoints(art, capsys):
     out = str(art["root"] / "fig4.png")
@@ -239,7 +346,7 @@ def test_viz_pca_command_two_checkpoints(art, capsys):
     assert rc == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["teacher"] == "main" and len(report["images"]) == 2
-    assert [r["cos_source"] for r in report["rows"]] == ["fit", "projector"]
+    assert report["cosine"] == "fit" and [r["cos_source"] for r in report["rows"]] == ["fit", "fit"]
     (w, h), std = png_stats(out)
     # 2 images x 2 checkpoints = 4 rows; 6 columns (input, F5, P4, P5, teacher, cos)
     assert w > 1000 and h > 700 and w > h
@@ -322,6 +429,46 @@ def test_viz_curves_command(tmp_path, capsys):
     assert "no metrics.jsonl" in capsys.readouterr().err
 
 
+def test_curves_draw_only_what_each_run_recorded(tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import to_rgb
+
+    plain = viz.read_run(write_run(tmp_path / "plain", 4, None, False, nan_epoch=1))
+    distilled = viz.read_run(write_run(tmp_path / "gam", 4, 5.0, True))
+    fig_plain, fig_distilled = viz.plot_curves([plain]), viz.plot_curves([distilled])
+    ap, loss = "validation AP per epoch (EMA model)", "loss terms (epoch means)"
+    # a plain run has no distillation weight and no AIFI share: no panel for them, empty or not
+    assert [ax.get_title() for ax in fig_plain.axes] == [ap, loss]
+    assert [ax.get_title() for ax in fig_distilled.axes] == [
+        ap, "DSI loss weight per epoch (GAM-driven or static)", "AIFI share of the gradient L1 norm", loss]
+    assert not [t.get_text() for ax in fig_plain.axes for t in ax.texts]
+
+    # the lines are the metrics: AP in percent without the epoch that has none, the main loss terms
+    (ap_line,) = fig_plain.axes[0].get_lines()
+    assert list(ap_line.get_xdata()) == [0, 2, 3] and list(ap_line.get_ydata()) == pytest.approx([0.0, 20.0, 30.0])
+    losses = {line.get_label(): list(line.get_ydata()) for line in fig_plain.axes[1].get_lines()}
+    assert losses == {"loss": pytest.approx([10.0, 9.0, 8.0, 7.0]),
+                      "loss_mal": pytest.approx([1.0, 1 / 2, 1 / 3, 1 / 4])}
+    weight_ax, ratio_ax = fig_distilled.axes[1:3]
+    assert list(weight_ax.get_lines()[0].get_ydata()) == pytest.approx([5.0, 10.0, 15.0, 20.0])
+    assert list(ratio_ax.get_lines()[0].get_ydata()) == pytest.approx([0.030, 0.031, 0.032, 0.033])
+    (band,) = ratio_ax.patches  # the GAM target band, in data coordinates
+    ys = band.get_patch_transform().transform(band.get_path().vertices)[:, 1]
+    assert (ys.min(), ys.max()) == pytest.approx(distilled.band)
+
+    # the picture: one row of two panels, and each AP point is drawn where its value is, in the line's colour
+    canvas = FigureCanvasAgg(fig_plain)
+    canvas.draw()
+    pixels = np.asarray(canvas.buffer_rgba())[..., :3] / 255.0
+    height, width = pixels.shape[:2]
+    assert width > 2.5 * height
+    points = fig_plain.axes[0].transData.transform(np.stack([ap_line.get_xdata(), ap_line.get_ydata()], axis=1))
+    for x, y in points:
+        assert np.abs(pixels[int(height - y), int(x)] - to_rgb(ap_line.get_color())).max() < 0.1
+    blank = fig_plain.axes[0].transAxes.transform([0.5, 0.9])  # a spot of the panel no line crosses
+    assert pixels[int(height - blank[1]), int(blank[0])].min() > 0.9
+
+
 def test_feature_panel_same_run_shares_bases(art):
     ckpts = [os.path.join(art["distilled"], "checkpoints", n) for n in ("best.pt", "last.pt")]
     panel = viz.feature_panel(ckpts, [os.path.join(art["images"], "000001.jpg")], labels=["best", "last"])
@@ -330,7 +477,7 @@ def test_feature_panel_same_run_shares_bases(art):
     cos = panel.mean_cos()
     assert cos[0] == pytest.approx(cos[1])  # same weights in both files here, same projector
     md = panel.markdown().splitlines()
-    assert len(md) == 4 and "the run's DSI projector" in md[2] and md[2].startswith("| best | F5, P4, P5 |")
+    assert len(md) == 4 and "ridge fit on these images" in md[2] and md[2].startswith("| best | F5, P4, P5 |")
 
 
 def test_projector_from_a_later_epoch_is_noted(art, tmp_path):
@@ -342,9 +489,10 @@ def test_projector_from_a_later_epoch_is_noted(art, tmp_path):
     torch.save({**last, "epoch": 5}, run / "checkpoints" / "last.pt")
     images = load_images([os.path.join(art["images"], "000000.jpg")], SIZE)
     grids = [torch.randn(32, SIZE // 32, SIZE // 32)]
-    feats = viz.checkpoint_features(str(run / "checkpoints" / "best.pt"), images, ["F5"], grids)
+    feats = viz.checkpoint_features(str(run / "checkpoints" / "best.pt"), images, ["F5"], grids, "projector")
     assert feats.cos_source == "projector"
     assert feats.note == "linear projector from later/checkpoints/last.pt (epoch 5), student weights from epoch 2"
-    # a teacher of another width cannot go through the run's projector: ridge fit instead, and said so
-    other = viz.checkpoint_features(str(run), images, ["F5"], [torch.randn(16, SIZE // 32, SIZE // 32)])
-    assert other.cos_source == "fit" and "projector does not fit this teacher" in other.note
+    # a teacher of another width cannot go through the run's projector: no cosine, and said so
+    other = viz.checkpoint_features(str(run), images, ["F5"], [torch.randn(16, SIZE // 32, SIZE // 32)],
+                                    "projector")
+    assert other.cos is None and "projector does not fit this teacher" in other.note

@@ -11,7 +11,7 @@ What is tested:
   head's ``Integral`` (softmax of the corner logits times W, 2 * Q * 4 * (reg_max + 1) FLOPs per decoder layer).
   The official code calls ``F.linear`` with a 1-D weight, which dispatches to ``aten.mv``, an op
   FlopCounterMode has no formula for; ours passes a 1 x (reg_max + 1) weight (``aten.mm``). Same arithmetic.
-* the SPEC.md 2.5 figures in :mod:`students.registry` (two decimals) are those exact official counts rounded;
+* the docs/OFFICIAL.md §2.5 figures in :mod:`students.registry` (two decimals) are those exact official counts rounded;
 * against those two-decimal figures ours are within 0.43% for all 18 scales and within 0.014% for all but the
   five smallest (Atto, Femto, Pico, DEIMv2-N, DEIM-D-FINE-N). The rounding of the figures, not the models, makes
   these gaps (Atto's deploy count 0.756717 GFLOPs prints as 0.76).

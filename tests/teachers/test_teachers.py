@@ -64,7 +64,8 @@ def test_grid_shapes_square_and_non_square(saved, family):
 @pytest.mark.parametrize("family", VIT_FAMILIES)
 def test_prefix_tokens_dropped_and_grid_order(saved, family):
     path, patch, prefix = saved[family]
-    teacher = load_teacher({"weights": path, "input": "native"})
+    # compared with the fp32 model below: 'auto' would be bf16 on a CPU with native bf16
+    teacher = load_teacher({"weights": path, "input": "native", "precision": "fp32"})
     images = torch.rand(1, 3, 2 * patch, 3 * patch)
     (grid,) = teacher.features(images)
     kwargs = {"interpolate_pos_encoding": True} if family in ("mae", "clip", "siglip", "generic_vit") else {}
@@ -173,7 +174,7 @@ def test_official_dinov3_pth_converts_to_the_same_function(tmp_path):
     reference = T.DINOv3ViTModel(config).eval()
     path = tmp_path / "dinov3_vit_test_pretrain.pth"
     torch.save({"model": _to_official_dinov3(reference)}, path)
-    teacher = load_teacher({"weights": str(path), "input": "native"})
+    teacher = load_teacher({"weights": str(path), "input": "native", "precision": "fp32"})  # vs the fp32 model
     assert teacher.dim == 128 and teacher.model.config.num_attention_heads == 2
     images = torch.rand(1, 3, 48, 64)
     with torch.no_grad():

@@ -122,6 +122,38 @@ def test_gam_mirror_flags_a_controller_that_disagrees():
     assert epoch["match"] is False and epoch["steps"] == [2, 1] and epoch["ratio"][0] != epoch["ratio"][1]
 
 
+def test_sync_probe_counts_the_syncs_of_one_step_only(monkeypatch):
+    import warnings
+
+    from torch import nn
+
+    gpu_check = _load_script()
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    # this file plays the project's code, so the site is named by its frame here
+    monkeypatch.setattr(gpu_check, "PROJECT_PACKAGES", ("tests",))
+    shown = warnings.showwarning
+    module = nn.Linear(2, 2)
+    probe = gpu_check.SyncProbe(module)
+    x = torch.zeros(1, 2)
+    module(x)
+    with pytest.warns(UserWarning, match="before"):  # not the probe's: shown as usual
+        warnings.warn("called a synchronizing CUDA operation (before the window)", stacklevel=1)
+    module(x)  # step 2: the window opens
+    for _ in range(2):  # each one counts: the filter is 'always'
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+    warnings.warn("an unrelated warning", stacklevel=1)
+    module(x)  # step 3: the window closes
+    with pytest.warns(UserWarning, match="after"):
+        warnings.warn("called a synchronizing CUDA operation (after the window)", stacklevel=1)
+    result = probe.result()
+    assert modes == ["warn", 0] and warnings.showwarning is shown
+    assert result["syncs"] == 2 and result["other_warnings"] == 1 and result["complete"] is True
+    ((site, count),) = result["sites"].items()
+    assert count == 2 and site.startswith("tests/tools/test_gpu_check.py:")
+    assert site.endswith("(test_sync_probe_counts_the_syncs_of_one_step_only)")
+
+
 @pytest.mark.cuda
 def test_gam_on_cuda_matches_the_cpu_on_the_same_gradients():
     from torch import nn

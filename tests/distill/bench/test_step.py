@@ -163,3 +163,35 @@ def test_timed_stand_in_times_only_the_named_calls():
     assert len(clock._spans["busy"]) == 2  # both calls recorded
     clock.reset()
     assert clock.seconds() == {}
+
+
+def test_compare_eager_times_the_default_options_against_every_option_off(tiny, capsys):
+    config, _ = tiny
+    argv = ["bench", "step", config, "--batch", "1", "--repeats", "2", "--warmup", "0", "--boxes", "3",
+            "--compare-eager", "--json"]  # fmt: skip
+    assert cli(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    default, eager = out["variants"]["default"], out["variants"]["eager"]
+    assert out["mode"] == "compare_eager" and out["compile_s"] is None
+    assert out["ratio_vs_eager"] == pytest.approx(default["step_s"] / eager["step_s"], rel=1e-9)
+    assert out["paired_ratio"] > 0 and out["cpu"]["ratio_vs_eager"] > 0
+    assert default["options"]["channels_last"] and default["options"]["fused_optimizer"]
+    assert not any(eager["options"][k] for k in ("channels_last", "compile", "fused_optimizer"))
+    assert len(default["steps_s"]) == len(eager["steps_s"]) == 2
+    assert default["phases_s"]["teacher"] == 0.0 and out["setup"]["teacher"] == "none (plain step)"
+    assert cli(argv[:-1]) == 0  # the text report
+    text = capsys.readouterr().out
+    assert "default / eager:" in text and "compile: not asked" in text
+
+
+def test_compare_eager_pays_the_compilation_before_timing(tiny, monkeypatch):
+    from distill.bench import step as bench_step
+    from distill.speed import SpeedOptions
+
+    config, _ = tiny
+    monkeypatch.setattr(bench_step.SpeedOptions, "from_config",
+                        classmethod(lambda cls, cfg: SpeedOptions(compile=True, backend="eager", dynamic=True)))
+    torch._dynamo.reset()
+    out = bench_step.measure_step(load_config(config), batch=1, repeats=1, warmup=0, boxes=3, compare_eager=True)
+    assert out["compile_s"] > 0 and out["variants"]["default"]["options"]["compile"]
+    assert out["ratio_vs_eager"] > 0

@@ -1,0 +1,191 @@
+"""Speed options of the training step: channels-last memory format, ``torch.compile`` of the backbone and encoder,
+fused AdamW. None changes the arithmetic beyond float rounding (tests/distill/test_speed_options.py compares a
+step with the options on and off).
+
+``channels_last`` (default on): the student's 4-d weights and the batch in NHWC. oneDNN convolutions then run on
+the tensors as they are; in NCHW they reorder input, weights and output into a blocked layout and back on every
+call, forward and backward. Linear layers and attention do not care. With it the feature concatenations of the
+encoder and decoder hand their inputs dense channels-last gradients (:func:`students.layers.cat_dense_grads`).
+
+``compile`` (default off): ``torch.compile`` of the backbone and encoder, module by module (:func:`compile_regions`):
+every module that holds a feature tap stays eager, because the DSI taps are forward hooks registered for each
+step and dynamo does not see hooks registered after it traced a module (it would keep the stale ones silently).
+The decoder stays eager: its top-k selection and denoising queries change from batch to batch. Runs with
+multi-scale batches compile with dynamic spatial sizes, so every size shares one graph; the compilation is paid
+once, up front, by :func:`warm_up` on a dummy batch, and the engine logs its time.
+
+``fused_optimizer`` (default on): AdamW's fused kernel (one call per parameter tensor instead of a dozen
+elementwise ops); on CUDA the ``foreach`` kernels are torch's own default already.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["SpeedOptions", "batch_to", "compile_regions", "compile_student", "load_optimizer_state",
+           "match_state_layout", "optimizer_kwargs", "prepare_student", "warm_up"]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    """What :func:`prepare_student` and the engine apply; :meth:`off` is today's eager fp32 step."""
+
+    channels_last: bool = True
+    compile: bool = False
+    fused_optimizer: bool = True
+    dynamic: bool | None = None  # compile with dynamic spatial sizes (multi-scale runs); None: dynamo decides
+    backend: str = "inductor"
+
+    @classmethod
+    def from_config(cls, cfg) -> SpeedOptions:
+        """The options of a :class:`distill.config.TrainConfig` (dynamic sizes when its data is multi-scale)."""
+        return cls(channels_last=cfg.channels_last, compile=cfg.compile, fused_optimizer=cfg.fused_optimizer,
+                   dynamic=True if cfg.data.base_size_repeat is not None else None)  # fmt: skip
+
+    @classmethod
+    def off(cls) -> SpeedOptions:
+        return cls(channels_last=False, compile=False, fused_optimizer=False)
+
+
+def _memory_format(options: SpeedOptions) -> torch.memory_format:
+    return torch.channels_last if options.channels_last else torch.contiguous_format
+
+
+def batch_to(images: torch.Tensor, options: SpeedOptions) -> torch.Tensor:
+    """The batch in the memory format of the student (a no-op when it already is)."""
+    return images.contiguous(memory_format=_memory_format(options)) if images.dim() == 4 else images
+
+
+def optimizer_kwargs(options: SpeedOptions, device: torch.device) -> dict[str, bool]:
+    """Keywords for ``torch.optim.AdamW``: ``fused`` where torch has the fused kernel for the device."""
+    if not options.fused_optimizer or device.type not in ("cpu", "cuda"):
+        return {}
+    return {"fused": True}
+
+
+def load_optimizer_state(optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``, keeping this run's AdamW kernel (the saved groups carry the ``fused`` /
+    ``foreach`` choice of the run that wrote them, which ``load_state_dict`` would restore) and every state
+    tensor in its parameter's memory layout (:func:`match_state_layout`)."""
+    kernel = ("fused", "foreach")
+    groups = [{**saved, **{k: now[k] for k in kernel if k in now}}
+              for saved, now in zip(state["param_groups"], optimizer.param_groups)]  # fmt: skip
+    optimizer.load_state_dict({**state, "param_groups": groups})
+    match_state_layout(optimizer)
+
+
+def match_state_layout(optimizer) -> None:
+    """Give every optimizer state tensor its parameter's memory layout (call after ``load_state_dict``).
+
+    A checkpoint written by a run in the other layout (``channels_last`` off, or before it existed) loads with the
+    saved strides, and the fused AdamW kernel walks a parameter, its gradient and its state as flat buffers of
+    the same order: with mismatched strides it would pair the wrong elements, silently (autograd already gives
+    each gradient its parameter's strides)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
+def prepare_student(student: nn.Module, options: SpeedOptions) -> None:
+    """Channels-last weights (in place). Compilation is separate (:func:`compile_student`): it must come after any
+    deep copy of the student (the EMA), whose copy would otherwise call the original's compiled code."""
+    if options.channels_last:
+        student.to(memory_format=torch.channels_last)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.compile
+# ---------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def _called_modules(student: nn.Module, roots: Iterable[str], size: int = 64) -> set[nn.Module]:
+    """The modules under ``roots`` that a forward calls as modules (``module(x)``, not e.g. one of its methods),
+    found by one dummy forward in train mode; buffers (BatchNorm statistics) and the RNG are put back."""
+    called: set[nn.Module] = set()
+    handles = [m.register_forward_pre_hook(lambda mod, _args: called.add(mod))
+               for root in roots for m in student.get_submodule(root).modules()]  # fmt: skip
+    saved = {k: b.clone() for k, b in student.named_buffers()}
+    was_training = student.training
+    device = next(student.parameters()).device
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            student.train()
+            student.tap_features(torch.rand(2, 3, size, size, device=device), [])
+    finally:
+        for h in handles:
+            h.remove()
+        student.train(was_training)
+        for k, b in student.named_buffers():
+            b.copy_(saved[k])
+    return called
+
+
+def compile_regions(student: nn.Module) -> list[str]:
+    """Names of the submodules :func:`compile_student` compiles: under the backbone and the encoder, the largest
+    modules that the forward calls as a whole, hold parameters and contain no tap module (their forward hooks
+    must stay visible: see the module docstring)."""
+    taps = {tap.module for tap in student.taps.values()}
+    roots = ("backbone", "encoder")
+    called = _called_modules(student, roots)
+    regions: list[str] = []
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            full = f"{prefix}.{name}"
+            holds_tap = any(t == full or t.startswith(full + ".") for t in taps)
+            if holds_tap or child not in called:
+                walk(child, full)  # a tap inside, or a container / module reached through a method: go down
+            elif any(True for _ in child.parameters()):
+                regions.append(full)
+
+    for root in roots:
+        walk(student.get_submodule(root), root)
+    return regions
+
+
+def compile_student(student: nn.Module, options: SpeedOptions) -> list[str]:
+    """``torch.compile`` every region of :func:`compile_regions` in place (state-dict keys unchanged); returns
+    their names. Call after any deep copy of the student."""
+    regions = compile_regions(student)
+    # Regions of one class (HGNetv2's four stages) share one code object, and dynamo counts their graphs (one per
+    # class of shapes, one more where a size turns dynamic) against one limit, past which it runs them eagerly
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(regions))
+    for name in regions:
+        student.get_submodule(name).compile(backend=options.backend, dynamic=options.dynamic)
+    return regions
+
+
+def warm_up(student: nn.Module, batch: int, size: int, device: torch.device,
+            autocast: Callable[[], AbstractContextManager] = nullcontext) -> float:
+    """Compile now, on a dummy ``batch x 3 x size x size`` batch, what the first training step would: a forward
+    and backward of the backbone and encoder (under ``autocast``, the step's own context, as dynamo guards on
+    it). Returns the seconds. The gradients are taken with ``torch.autograd.grad``, so no ``.grad`` is written
+    and no DDP hook fires; buffers (BatchNorm statistics) and the RNG are put back: the run continues exactly
+    as without it."""
+    saved = {k: b.clone() for k, b in student.named_buffers()}
+    was_training = student.training
+    student.train()  # the mode the training step runs in (dynamo guards on it)
+    params = [p for p in student.parameters() if p.requires_grad]
+    taps = [name for name, tap in student.taps.items() if tap.module == "encoder"]  # the encoder's outputs
+    start = time.perf_counter()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast():
+            maps = student.tap_features(torch.rand(batch, 3, size, size, device=device), taps)
+            loss = sum(m.float().square().mean() for m in maps.values())
+        torch.autograd.grad(loss, params, allow_unused=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    finally:
+        student.train(was_training)
+        with torch.no_grad():
+            for k, b in student.named_buffers():
+                b.copy_(saved[k])
+    return time.perf_counter() - start
