@@ -53,7 +53,7 @@ def data(args: argparse.Namespace) -> int:
     print(format_table(rows, ["stage", "epoch", "img/s", *(["workers"] if workers else []), *ops]))
     print("(per-transform columns: mean ms per image; an op that a stage skips shows '-')")
     if workers:
-        slowest = max(stages, key=lambda s: workers[s])
+        slowest = min(stages, key=lambda s: res[s]["images_per_s"])
         print(f"workers needed per training process to stay {MARGIN}x ahead of a {args.step_rate:g} img/s step: "
               f"{workers[slowest]} (set by the {slowest} stage; each worker needs a core of its own)")
     return 0

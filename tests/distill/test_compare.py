@@ -9,7 +9,6 @@ import json
 
 import pytest
 import torch
-import yaml
 from torch import nn
 
 from distill.cli import main as cli_main
@@ -21,27 +20,12 @@ from students.load import load_student
 
 
 @pytest.fixture(scope="module")
-def distilled_run(tmp_path_factory):
+def distilled_run(tmp_path_factory, tiny_train_config, tiny_dinov3_teacher, write_yaml):
     """One optimizer step of DEIMv2-Atto distilled at F5 from a tiny random DINOv3 (as test_engine_multiprocess)."""
-    import transformers as T
-
     tmp = tmp_path_factory.mktemp("compare")
     make_synth(str(tmp / "synth"), train=2, val=2, size=160, seed=0)
-    T.DINOv3ViTModel(
-        T.DINOv3ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
-    ).save_pretrained(tmp / "teacher")
-    cfg = {
-        "seed": 0, "max_steps_per_epoch": 1, "log_interval": 1,
-        "model": {"student": "deimv2_atto"},
-        "data": {"synth": str(tmp / "synth"), "img_size": 160, "batch_size": 2, "val_batch_size": 2,
-                 "num_workers": 0, "policy_epochs": [5, 6, 7], "stop_epoch": 2, "mosaic": {"prob": 0.0},
-                 "mixup": {"prob": 0.0}},
-        "schedule": {"epochs": 1, "warmup_iter": 1, "flat_epoch": 1, "no_aug_epoch": 0},
-        "ema": {"decay": 0.9, "warmups": 1},
-        "distill": {"teachers": {"main": {"weights": str(tmp / "teacher")}},
-                    "injections": [{"tap": "F5", "weight": 5.0}]},
-    }  # fmt: skip
-    (tmp / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    teacher = tiny_dinov3_teacher(tmp / "teacher")
+    write_yaml(tmp / "cfg.yaml", tiny_train_config(tmp / "synth", teacher))
     train_from_config(str(tmp / "cfg.yaml"), output_dir=str(tmp / "run"))
     return str(tmp / "run")
 

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers as T
-import yaml
 
 from distill.data.synth import make_synth
 
@@ -43,7 +41,7 @@ def run_to_end(cmd: list[str], timeout: float = 400) -> str:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_train_config, tiny_dinov3_teacher, write_yaml):
     """Embedded data where every other training image has no boxes, a tiny DINOv3 teacher, a distilled config."""
     tmp = tmp_path_factory.mktemp("mp")
     synth = tmp / "synth"
@@ -54,23 +52,14 @@ def setup(tmp_path_factory):
     ann["annotations"] = [a for a in ann["annotations"] if a["image_id"] not in empty]
     ann_path.write_text(json.dumps(ann))
 
-    teacher = tmp / "teacher"
-    T.DINOv3ViTModel(
-        T.DINOv3ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
-    ).save_pretrained(teacher)
-    cfg = {
-        "seed": 0, "max_steps_per_epoch": 4, "log_interval": 1,
-        "model": {"student": "deimv2_atto"},
-        "data": {"synth": str(synth), "img_size": 160, "batch_size": 1, "val_batch_size": 2, "num_workers": 1,
-                 "policy_epochs": [5, 6, 7], "stop_epoch": 2, "mosaic": {"prob": 0.0}, "mixup": {"prob": 0.0}},
-        "schedule": {"epochs": 3, "warmup_iter": 1, "flat_epoch": 1, "no_aug_epoch": 1},
-        "ema": {"decay": 0.9, "warmups": 2},
-        "distill": {"teachers": {"main": {"weights": str(teacher)}},
-                    "injections": [{"tap": "F5", "weight": 5.0}],
-                    "gam": {"enabled": True, "rule": "paper", "rho": 0.11, "delta": 0.01}},
-    }  # fmt: skip
+    teacher = tiny_dinov3_teacher(tmp / "teacher")
+    cfg = tiny_train_config(
+        synth, teacher, max_steps_per_epoch=4, data={"batch_size": 1, "num_workers": 1},
+        schedule={"epochs": 3, "no_aug_epoch": 1}, ema={"warmups": 2},
+        distill={"gam": {"enabled": True, "rule": "paper", "rho": 0.11, "delta": 0.01}},
+    )  # fmt: skip
     config = tmp / "cfg.yaml"
-    config.write_text(yaml.safe_dump(cfg))
+    write_yaml(config, cfg)
     return tmp, config
 
 

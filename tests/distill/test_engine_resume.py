@@ -13,9 +13,7 @@ import time
 
 import pytest
 import torch
-import yaml
 
-from distill.data.synth import make_synth
 from distill.engine import Trainer, train_from_config
 
 TIMING = {"epoch_time_s", "images_per_s", "teacher_images_per_s"}
@@ -23,28 +21,28 @@ EPOCHS, STOP = 5, 3  # epochs 0-2: augmented stage; 3-4: no-aug stage, restarted
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    make_synth(str(root), train=8, val=3, size=160, seed=0)
-    return str(root)
+def synth(synth_dir):
+    return synth_dir(train=8, val=3, size=160)
 
 
-def config(tmp_path, synth, **extra) -> str:
-    cfg = {
-        "seed": 0, "log_interval": 1, "max_steps_per_epoch": 3,
-        "model": {"student": "deimv2_atto"},
-        "data": {
-            "synth": synth, "img_size": 160, "batch_size": 2, "val_batch_size": 3, "num_workers": 1,
-            "policy_epochs": [1, 2, 3], "stop_epoch": STOP, "sanitize_min_size": 1.0,
-            "mosaic": {"prob": 0.5, "output_size": 80, "use_cache": False}, "mixup": {"prob": 0.5, "epochs": [1, 2]},
-        },
-        "schedule": {"epochs": EPOCHS, "warmup_iter": 2, "flat_epoch": 2, "no_aug_epoch": 2},
-        "ema": {"decay": 0.99, "warmups": 3},
-        **extra,
-    }  # fmt: skip
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
+@pytest.fixture(scope="module")
+def config(tiny_train_config, write_yaml):
+    """``config(tmp_path, synth, **extra)``: writes the run's config to ``tmp_path``, returns its path."""
+
+    def write(tmp_path, synth, **extra) -> str:
+        cfg = tiny_train_config(
+            synth, max_steps_per_epoch=3,
+            data={"batch_size": 2, "val_batch_size": 3, "num_workers": 1, "policy_epochs": [1, 2, 3],
+                  "stop_epoch": STOP, "sanitize_min_size": 1.0,
+                  "mosaic": {"prob": 0.5, "output_size": 80, "use_cache": False},
+                  "mixup": {"prob": 0.5, "epochs": [1, 2]}},
+            schedule={"epochs": EPOCHS, "warmup_iter": 2, "flat_epoch": 2, "no_aug_epoch": 2},
+            ema={"decay": 0.99, "warmups": 3},
+            **extra,
+        )  # fmt: skip
+        return write_yaml(tmp_path / "cfg.yaml", cfg)
+
+    return write
 
 
 def records(run_dir) -> list[dict]:
@@ -75,7 +73,7 @@ def kill_at(cmd: list[str], line: str, env: dict, timeout: float = 240) -> list[
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, synth):
+def straight(tmp_path_factory, synth, config):
     tmp = tmp_path_factory.mktemp("straight")
     run = str(tmp / "run")
     train_from_config(config(tmp, synth), output_dir=run)
@@ -84,7 +82,7 @@ def straight(tmp_path_factory, synth):
 
 # (epoch, step) at which the run dies: inside stage 1, on the first step of the no-aug stage, inside the last epoch
 @pytest.mark.parametrize("epoch,step", [(1, 2), (STOP, 1), (EPOCHS - 1, 2)], ids=["stage1", "switch", "last"])
-def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, synth, straight, epoch, step):
+def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, synth, config, straight, epoch, step):
     killed = str(tmp_path / "killed")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     kill_at([sys.executable, "-m", "distill.cli", "train", config(tmp_path, synth), f"output_dir={killed}"],
@@ -99,7 +97,7 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tmp_path, synth, str
         assert torch.equal(a[key], b[key]), key
 
 
-def test_runs_in_one_interpreter_leave_no_state_behind(tmp_path, synth):
+def test_runs_in_one_interpreter_leave_no_state_behind(tmp_path, synth, config):
     """An in-process grid runs cells one after another: each run puts back what it changed."""
     torch.manual_seed(123)
     before = (torch.get_rng_state(), torch.are_deterministic_algorithms_enabled(), torch.get_num_threads())

@@ -61,6 +61,14 @@ def _best_pt(model: nn.Module, path) -> str:
 
 
 # ---- the sampling -------------------------------------------------------------------------------------------------
+def _export_pair(model: nn.Module, tmp_path, names: tuple[str, str], dynamic_batch: bool = False, **options):
+    """Exports ``model`` to ``tmp_path / names[0]`` with the default options and to ``tmp_path / names[1]`` with
+    ``options`` too; returns both paths and the second export's result."""
+    default, variant = str(tmp_path / names[0]), str(tmp_path / names[1])
+    export_onnx(model, default, dynamic_batch=dynamic_batch)
+    return default, variant, export_onnx(model, variant, dynamic_batch=dynamic_batch, **options)
+
+
 def _grid(n: int, q: int, p: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
     """Sampling points in grid_sample's [-1, 1], a third of them off the map, and the corner cases: the outer
     edges, a pixel centre, and a point just beyond the right edge (one corner inside)."""
@@ -113,9 +121,8 @@ def test_both_deformable_attentions_gather_what_grid_sample_samples():
 @pytest.mark.parametrize("name,size", STUDENTS)
 def test_graph_without_grid_sample_equals_the_default_one(tmp_path, name, size):
     model = _calibrated(name, size)
-    default, gathered = str(tmp_path / "default.onnx"), str(tmp_path / "gather.onnx")
-    export_onnx(model, default, dynamic_batch=True)
-    exported = export_onnx(model, gathered, dynamic_batch=True, grid_sample=False)
+    default, gathered, exported = _export_pair(model, tmp_path, ("default.onnx", "gather.onnx"), dynamic_batch=True,
+                                               grid_sample=False)  # fmt: skip
 
     assert onnx_op_counts(default)["GridSample"] > 0
     ops = onnx_op_counts(gathered)
@@ -156,9 +163,7 @@ def _float_weights(path: str) -> dict[str, onnx.TensorProto]:
 @pytest.mark.parametrize("name,size", STUDENTS)
 def test_fp16_export_halves_the_weights_and_keeps_the_top_detections(tmp_path, name, size):
     model = _calibrated(name, size)
-    full, half = str(tmp_path / "fp32.onnx"), str(tmp_path / "fp16.onnx")
-    export_onnx(model, full, dynamic_batch=True)
-    exported = export_onnx(model, half, dynamic_batch=True, fp16=True)
+    full, half, exported = _export_pair(model, tmp_path, ("fp32.onnx", "fp16.onnx"), dynamic_batch=True, fp16=True)
 
     proto = onnx.load(half)
     graph = proto.graph
@@ -194,9 +199,7 @@ class _Loud(nn.Module):
 def test_fp16_keeps_what_outgrows_half_precision_in_float32(tmp_path):
     model = _calibrated("deimv2_atto", 160)
     model.decoder.enc_score_head = nn.Sequential(_Loud(), model.decoder.enc_score_head)
-    full, half = str(tmp_path / "fp32.onnx"), str(tmp_path / "fp16.onnx")
-    export_onnx(model, full)
-    exported = export_onnx(model, half, fp16=True)
+    full, half, exported = _export_pair(model, tmp_path, ("fp32.onnx", "fp16.onnx"), fp16=True)
     assert {name.rsplit("/", 1)[1] for name in exported.fp16["float32_for_range"]} >= {"Mul", "Div"}
     diff = verify_export(exported, half, batches=(1,), top=5, min_score=0.0)[1]
     assert diff["finite"] and top_detections_ok(diff), diff

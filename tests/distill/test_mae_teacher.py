@@ -7,10 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from distill.cli import main as cli_main
-from distill.data.synth import make_synth
 from distill.vit_teacher import (
     box_mask,
     largest_objects,
@@ -30,21 +28,20 @@ TINY = {
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    make_synth(str(root), train=12, val=8, size=96, seed=0)
-    return str(root)
+def synth(synth_dir):
+    return synth_dir(train=12, val=8, size=96)
 
 
-def _recipe(tmp_path, synth, **extra) -> str:
-    path = tmp_path / "mae.yaml"
-    path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "mae"), "synth": synth, **TINY, **extra}))
-    return str(path)
+@pytest.fixture
+def write_recipe(write_yaml):
+    """``write_recipe(tmp_path, synth, **extra)``: writes the TINY pre-training recipe, returns its path."""
+    return lambda tmp_path, synth, **extra: write_yaml(
+        tmp_path / "mae.yaml", {"output_dir": str(tmp_path / "mae"), "synth": synth, **TINY, **extra})
 
 
 @pytest.mark.parametrize("objective, model_type", [("mae", "vit_mae"), ("labels", "vit")])
-def test_two_steps_save_a_teacher_the_loader_reads(tmp_path, synth, objective, model_type):
-    cfg = load_pretrain_config(_recipe(tmp_path, synth, pretrain=objective))
+def test_two_steps_save_a_teacher_the_loader_reads(tmp_path, synth, write_recipe, objective, model_type):
+    cfg = load_pretrain_config(write_recipe(tmp_path, synth, pretrain=objective))
     summary = pretrain_teacher(cfg)
     assert summary["steps"] == 2 and np.isfinite(summary["final_loss"])
     out = tmp_path / "mae"
@@ -63,13 +60,13 @@ def test_two_steps_save_a_teacher_the_loader_reads(tmp_path, synth, objective, m
     # a second call with the same recipe reuses the finished directory; a changed recipe trains again
     stamp = (out / "summary.json").stat().st_mtime_ns
     assert pretrain_teacher(cfg) == summary and (out / "summary.json").stat().st_mtime_ns == stamp
-    again = pretrain_teacher(load_pretrain_config(_recipe(tmp_path, synth, pretrain=objective),
+    again = pretrain_teacher(load_pretrain_config(write_recipe(tmp_path, synth, pretrain=objective),
                                                   ["train.steps=1", "probe.enabled=false"]))
     assert again["steps"] == 1 and "probe" not in again
 
 
-def test_command_and_config_errors(tmp_path, synth, capsys):
-    recipe = _recipe(tmp_path, synth, probe={"enabled": False})
+def test_command_and_config_errors(tmp_path, synth, write_recipe, capsys):
+    recipe = write_recipe(tmp_path, synth, probe={"enabled": False})
     assert cli_main(["pretrain", recipe, "train.steps=1"]) == 0
     out = capsys.readouterr().out
     assert "in 1 steps" in out and "weights: " in out

@@ -65,30 +65,21 @@ def test_epoch_values_are_the_finite_numbers_of_a_record():
 # One distillation run logged to the three trackers
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def logged_run(tmp_path_factory):
+def logged_run(tmp_path_factory, tiny_train_config, tiny_dinov3_teacher, write_yaml):
     pytest.importorskip("tensorboard")
     pytest.importorskip("mlflow")
     pytest.importorskip("wandb")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     tmp = tmp_path_factory.mktemp("trackers")
     make_synth(str(tmp / "synth"), train=4, val=2, size=160, seed=0)
     # a tiny DINOv3 teacher, so the records hold the distillation weight and the GAM share
-    transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(
-        tmp / "teacher")  # fmt: skip
-    cfg = {
-        "seed": 0, "log_interval": 1, "max_steps_per_epoch": 1, "model": {"student": "deimv2_atto"},
-        "log_with": ["tensorboard", "mlflow", "wandb"], "tracker_project": "trackers-test",
-        "data": {"synth": str(tmp / "synth"), "img_size": 160, "batch_size": 2, "val_batch_size": 2,
-                 "num_workers": 0, "policy_epochs": [5, 6, 7], "stop_epoch": 5, "mosaic": {"prob": 0.0},
-                 "mixup": {"prob": 0.0}},
-        "schedule": {"epochs": 2, "warmup_iter": 1, "flat_epoch": 1, "no_aug_epoch": 0},
-        "ema": {"decay": 0.9, "warmups": 1},
-        "distill": {"teachers": {"main": {"weights": str(tmp / "teacher")}},
-                    "injections": [{"tap": "F5", "weight": 5.0}],
-                    "gam": {"enabled": True, "rule": "paper", "rho": 0.11, "delta": 0.01}},
-    }  # fmt: skip
-    (tmp / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    teacher = tiny_dinov3_teacher(tmp / "teacher")
+    cfg = tiny_train_config(
+        tmp / "synth", teacher, log_with=["tensorboard", "mlflow", "wandb"], tracker_project="trackers-test",
+        data={"stop_epoch": 5}, schedule={"epochs": 2},
+        distill={"gam": {"enabled": True, "rule": "paper", "rho": 0.11, "delta": 0.01}},
+    )  # fmt: skip
+    write_yaml(tmp / "cfg.yaml", cfg)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"file:{tmp / 'mlruns'}")
         mp.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store behind this switch
