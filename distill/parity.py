@@ -41,6 +41,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from students.criterion import as_float32
 from students.errors import MissingPathError, UserError
 
 KINDS = ("DEIM", "DEIMv2", "RT-DETRv4")
@@ -1046,17 +1047,6 @@ def write_golden(checkout: Checkout, out_dir: str | os.PathLike, flops: bool = T
                 "losses_config": list(official.losses), "losses": losses}
         written.append(_write_json(out / f"criterion_{case.name}.json", data))
     return written
-
-
-def as_float32(obj: Any) -> Any:
-    """``obj`` (nested dicts / lists of tensors) with every floating tensor cast to float32."""
-    if isinstance(obj, torch.Tensor):
-        return obj.float() if obj.is_floating_point() else obj
-    if isinstance(obj, Mapping):
-        return {k: as_float32(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(as_float32(v) for v in obj)
-    return obj
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> Path:

@@ -78,13 +78,14 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-def _to_fp32(obj):
+def as_float32(obj):
+    """``obj`` (nested dicts / lists / tuples of tensors) with every floating tensor cast to float32."""
     if isinstance(obj, torch.Tensor):
         return obj.float() if obj.is_floating_point() else obj
     if isinstance(obj, dict):
-        return {k: _to_fp32(v) for k, v in obj.items()}
+        return {k: as_float32(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return type(obj)(_to_fp32(v) for v in obj)
+        return type(obj)(as_float32(v) for v in obj)
     return obj
 
 
@@ -104,7 +105,7 @@ def _prepare_outputs(outputs: dict) -> dict:
                 layer["_ddf_skip"] = teacher is None or _same_tensor(layer["pred_corners"], teacher)
                 layers.append(layer)
             out[key] = layers
-    return _to_fp32(out)
+    return as_float32(out)
 
 
 def _normalisers(counts: list[int], device: torch.device) -> torch.Tensor:

@@ -59,6 +59,11 @@ def data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _repeat_arguments(parser: argparse.ArgumentParser, what: str, repeats: int, warmup: int) -> None:
+    parser.add_argument("--repeats", type=int, default=repeats, help=f"timed {what} (default {repeats})")
+    parser.add_argument("--warmup", type=int, default=warmup, help=f"untimed {what} first (default {warmup})")
+
+
 # -- distill bench step ------------------------------------------------------------------------------------------
 def step_arguments(parser: argparse.ArgumentParser) -> None:
     from distill.bench.step import DEFAULT_TEACHER_DIM
@@ -69,8 +74,7 @@ def step_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value (e.g. mixed_precision=no)")
     parser.add_argument("--batch", type=int, default=2, help="images per step (default 2)")
     parser.add_argument("--size", type=int, default=0, help="square input size (default: the config's img_size)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant (default 5)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first (default 1)")
+    _repeat_arguments(parser, "steps per variant", repeats=5, warmup=1)
     parser.add_argument("--boxes", type=int, default=8, help="objects per synthetic image (default 8)")
     parser.add_argument("--num-classes", type=int, default=0,
                         help="classes (default: model.num_classes, else data.num_classes, else 80)")
@@ -251,8 +255,7 @@ def infer_arguments(parser: argparse.ArgumentParser) -> None:
                      "timed interleaved; median, 90th percentile and images/s.")  # fmt: skip
     parser.add_argument("--scales", nargs="+", default=list(DEFAULT_SCALES), metavar="NAME",
                         help=f"student scales (default: {' '.join(DEFAULT_SCALES)})")
-    parser.add_argument("--repeats", type=int, default=30, help="timed calls per runtime (default 30)")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed calls per runtime first (default 5)")
+    _repeat_arguments(parser, "calls per runtime", repeats=30, warmup=5)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for both runtimes (default: torch's)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto = CPU, plus the GPU when one is present")
