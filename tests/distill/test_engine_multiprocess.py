@@ -2,7 +2,7 @@
 and without boxes, evaluation gathered from both ranks, the run directory written once, exact resume after a kill.
 
 Each rank asserts inside the run that the world size is 2 (tests/distill/torchrun_train.py) and reports what it
-trained on; ``accelerate launch --cpu --num_processes 2`` would start ONE process, hence torchrun."""
+trained on. On CPU, accelerate's own launcher starts ONE process whatever it is asked, hence torchrun."""
 
 import json
 import os

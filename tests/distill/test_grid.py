@@ -341,7 +341,7 @@ def test_launch_command_starts_the_processes_asked_for(tmp_path):
     grid = load_grid(_grid(tmp_path, axes=[TAPS]))
     run = expand(grid)[0]
     out = str(tmp_path / "out" / run.dirname)
-    # two processes: torchrun (accelerate launch --cpu --num_processes 2 would start only one on CPU)
+    # two processes: torchrun (accelerate's own launcher starts only one on CPU)
     cmd = launch_command(grid.base, run.override_args(), out, nproc=2, launch_args=["--master_port", "29601"])
     assert cmd[:7] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                        "--master_port"]
