@@ -291,3 +291,12 @@ def test_several_injections_gam_drives_one():
     with pytest.raises(ValueError, match=r"tap 'S3' does not exist.*valid taps"):
         Distiller(DistillConfig(teachers=cfg.teachers, injections=[InjectionConfig(tap="a")]), {"S5": 4, "F5": 5},
                   teachers={"t": teacher})
+
+
+def test_distiller_has_one_per_step_api():
+    """The engine's step calls weigh() and measure(); the second API (losses(), after_backward, weighted) is gone
+    so that a reader finds one way to use a Distiller."""
+    from distill.dsi import Distiller
+
+    assert callable(Distiller.weigh) and callable(Distiller.measure)
+    assert not [name for name in ("losses", "after_backward", "weighted") if hasattr(Distiller, name)]
