@@ -17,7 +17,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from collections import defaultdict
 from dataclasses import replace
@@ -151,17 +153,14 @@ class _ExitOnPreemptSignal:
     Forked data-loader workers inherit the handler and ignore the signal: their parent's exit ends them."""
 
     def __init__(self, trainer: Trainer) -> None:
-        import signal
-        import threading
-
-        self.signal, self.trainer, self.owner, self.previous = signal, trainer, os.getpid(), None
+        self.trainer, self.owner, self.previous = trainer, os.getpid(), None
         name = os.environ.get(PREEMPT_SIGNAL_ENV, "")
         # handlers can only be set from the main thread; a run started from another thread keeps the default
         self.signum = None
         if name and threading.current_thread() is threading.main_thread():
             self.signum = getattr(signal, name if name.startswith("SIG") else f"SIG{name}", None)
             if not isinstance(self.signum, signal.Signals):
-                raise ValueError(f"${PREEMPT_SIGNAL_ENV}={name!r} names no signal (e.g. USR2)")
+                raise UserError(f"${PREEMPT_SIGNAL_ENV}={name!r} names no signal (e.g. USR2)")
 
     def _stop(self, signum: int, frame) -> None:
         if os.getpid() != self.owner:
@@ -170,18 +169,18 @@ class _ExitOnPreemptSignal:
         epoch = len(self.trainer.history)
         if self.trainer.main:
             held = f"epoch {epoch - 1}" if epoch else "no epoch yet"
-            print(f"stopped by {self.signal.Signals(signum).name} during epoch {epoch}: checkpoints/last.pt holds "
+            print(f"stopped by {signal.Signals(signum).name} during epoch {epoch}: checkpoints/last.pt holds "
                   f"{held}; a resume replays epoch {epoch}", file=sys.stderr, flush=True)  # fmt: skip
         sys.stdout.flush()
         os._exit(PREEMPTED_EXIT)  # at once: no finalizer may wait on a collective whose peers are gone
 
     def __enter__(self) -> None:
         if self.signum is not None:
-            self.previous = self.signal.signal(self.signum, self._stop)
+            self.previous = signal.signal(self.signum, self._stop)
 
     def __exit__(self, *exc) -> None:
         if self.signum is not None:
-            self.signal.signal(self.signum, self.previous)
+            signal.signal(self.signum, self.previous)
 
 
 class _Progress:
