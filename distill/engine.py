@@ -212,10 +212,24 @@ class _Progress:
 # ---------------------------------------------------------------------------------------------------------------
 # Building blocks of a run
 # ---------------------------------------------------------------------------------------------------------------
+def check_gpu_per_process(local_rank: int, visible: int) -> None:
+    """Each process of a node drives the GPU of its local rank; more processes than GPUs would fail later inside
+    NCCL ("invalid device ordinal") with no word of the cause."""
+    if visible == 0:
+        raise UserError("device=cuda but torch sees no CUDA device (torch.cuda.is_available() is False); "
+                        "set device=cpu or auto")
+    if local_rank >= visible:
+        raise UserError(f"process {local_rank} of this node has no GPU: {visible} visible "
+                        f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start at most "
+                        f"{visible} process(es) per node (torchrun --nproc_per_node {visible}), or set device=cpu")
+
+
 def build_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
 
     cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    if not cpu:
+        check_gpu_per_process(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count())
     return Accelerator(
         cpu=cpu,
         mixed_precision=cfg.mixed_precision,

@@ -336,7 +336,7 @@ class DEIMCriterion(nn.Module):
             score = out["teacher_logits"].detach().sigmoid().amax(-1)  # B x Q: teacher confidence
             score = score.index_put((b, q), iou)
             positive = torch.zeros(batch, queries, dtype=torch.bool, device=score.device)
-            positive[b, q] = True
+            positive.index_put_((b, q), positive.new_ones(()))  # a device-side True: no host copy
             num_edges, num_pos = 4 * batch * queries, 4 * match.count
             if is_dn and ctx["ddf_scales"] is not None:
                 # denoising layers blend with the last matching layer's counts, as official

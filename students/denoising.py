@@ -46,7 +46,7 @@ def _pad_targets(targets: list[dict], num_gts: list[int], num_classes: int, max_
     valid = torch.zeros(batch * max_gt, dtype=torch.bool, device=device)
     labels[slots] = torch.cat([t["labels"] for t in targets]).to(torch.int32)
     boxes[slots] = torch.cat([t["boxes"] for t in targets]).to(boxes.dtype)
-    valid[slots] = True
+    valid.index_put_((slots,), valid.new_ones(()))  # a device-side True: no host copy
     return labels.view(batch, max_gt), boxes.view(batch, max_gt, 4), valid.view(batch, max_gt)
 
 

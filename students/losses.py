@@ -83,7 +83,8 @@ def class_targets(
     Matched pair i puts 1 (resp. ``iou[i]``) at ``(batch_idx[i], query_idx[i], labels[i])``; every other entry is 0.
     """
     onehot = torch.zeros_like(logits)
-    onehot[batch_idx, query_idx, labels] = 1.0
+    # a device-side value: `x[i] = 1.0` makes the 1.0 on the host and copies it over, a sync on CUDA
+    onehot.index_put_((batch_idx, query_idx, labels), onehot.new_ones(()))
     if iou is None:
         return onehot, None
     soft = torch.zeros_like(logits)

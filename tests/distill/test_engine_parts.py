@@ -8,6 +8,7 @@ from torch import nn
 
 from distill.config import ConfigError, OptimConfig, ScheduleConfig, TrainConfig, apply_overrides, build, load_config
 from distill.ema import ModelEMA
+from distill.errors import UserError
 from distill.optim import build_optimizer
 from distill.schedule import flat_cosine
 
@@ -91,3 +92,13 @@ def test_optimizer_groups_cover_every_parameter_once():
     # official S/M quirk kept: backbone BN params match no backbone group (regex excludes 'bn'/'norm')... they
     # are named backbone.1.* here, so they fall into the backbone group like any other backbone parameter
     assert all("initial_lr" in g for g in opt.param_groups)
+
+
+def test_more_processes_than_gpus_is_one_clear_error():
+    from distill.engine import check_gpu_per_process
+
+    check_gpu_per_process(local_rank=1, visible=2)  # rank 1 of two GPUs: fine
+    with pytest.raises(UserError, match=r"process 2 of this node has no GPU: 2 visible .*--nproc_per_node 2"):
+        check_gpu_per_process(local_rank=2, visible=2)
+    with pytest.raises(UserError, match="torch sees no CUDA device"):
+        check_gpu_per_process(local_rank=0, visible=0)

@@ -13,7 +13,7 @@ from distill.data.synth import make_synth
 def test_a_grid_cell_runs_in_two_processes(tmp_path, monkeypatch):
     make_synth(str(tmp_path / "synth"), train=4, val=2, size=160, seed=0)
     base = {
-        "seed": 0, "max_steps_per_epoch": 1, "log_interval": 1,
+        "seed": 0, "max_steps_per_epoch": 1, "log_interval": 1, "device": "cpu",  # gloo, with one GPU or none
         "model": {"student": "deimv2_atto"},
         "data": {"synth": str(tmp_path / "synth"), "img_size": 160, "batch_size": 1, "val_batch_size": 1,
                  "num_workers": 0, "policy_epochs": [5, 6, 7], "stop_epoch": 7},

@@ -154,6 +154,24 @@ def test_sync_probe_counts_the_syncs_of_one_step_only(monkeypatch):
     assert site.endswith("(test_sync_probe_counts_the_syncs_of_one_step_only)")
 
 
+def test_sync_chains_name_the_ops_around_each_synchronising_call():
+    from types import SimpleNamespace as Event
+
+    gpu_check = _load_script()
+    node = Event(name="autograd::engine::evaluate_function: IndexBackward0", cpu_parent=None)
+    put = Event(name="aten::index_put_", cpu_parent=Event(name="aten::_index_put_impl_", cpu_parent=node))
+    item = Event(name="aten::item", cpu_parent=Event(name="some python frame", cpu_parent=None))
+    events = [Event(name="cudaStreamSynchronize", cpu_parent=put), Event(name="cudaMemcpyAsync", cpu_parent=put),
+              Event(name="cudaStreamSynchronize", cpu_parent=Event(name="aten::_local_scalar_dense", cpu_parent=item)),
+              Event(name="cudaStreamSynchronize", cpu_parent=Event(name="aten::_local_scalar_dense", cpu_parent=item)),
+              Event(name="cudaDeviceSynchronize", cpu_parent=None), put, item]
+    assert gpu_check.sync_chains(events) == {
+        "aten::index_put_ < aten::_index_put_impl_ < backward IndexBackward0": 1,  # the async copy is no sync
+        "aten::_local_scalar_dense < aten::item": 2,
+        "(no enclosing op)": 1,
+    }
+
+
 @pytest.mark.cuda
 def test_gam_on_cuda_matches_the_cpu_on_the_same_gradients():
     from torch import nn

@@ -6,7 +6,8 @@ from distill.cli import main as cli
 
 
 def test_bench_infer_json_and_table(capsys):
-    assert cli(["bench", "infer", "--scales", "deimv2_atto", "--repeats", "2", "--warmup", "1", "--json"]) == 0
+    argv = ["bench", "infer", "--scales", "deimv2_atto", "--repeats", "2", "--warmup", "1", "--device", "cpu", "--json"]
+    assert cli(argv) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["name"], r["runtime"], r["device"]) for r in rows] == [
         ("deimv2_atto", "pytorch", "cpu"), ("deimv2_atto", "onnxruntime", "cpu")]

@@ -36,7 +36,7 @@ def tiny(tmp_path_factory):
                                patch_size=16, num_register_tokens=4)  # fmt: skip
     T.DINOv3ViTModel(config).save_pretrained(root / "teacher")
     path = root / "tiny.yaml"
-    path.write_text(yaml.safe_dump({"model": {"student": "deimv2_atto"}, "data": {"img_size": 160},
+    path.write_text(yaml.safe_dump({"model": {"student": "deimv2_atto"}, "data": {"img_size": 160}, "device": "cpu",
                                     "mixed_precision": "no", "ema": {"warmups": 5}}))  # fmt: skip
     return str(path), str(root / "teacher")
 
@@ -104,7 +104,7 @@ def test_real_batch_from_the_config_data(tiny, tmp_path, capsys):
     _, teacher = tiny
     make_synth(str(tmp_path / "synth"), train=2, val=1, size=160, seed=0)
     path = tmp_path / "real.yaml"
-    path.write_text(yaml.safe_dump({"model": {"student": "deimv2_atto"}, "mixed_precision": "no",
+    path.write_text(yaml.safe_dump({"model": {"student": "deimv2_atto"}, "mixed_precision": "no", "device": "cpu",
                                     "data": {"synth": str(tmp_path / "synth"), "img_size": 160}}))  # fmt: skip
     assert cli(["bench", "step", str(path), "--real", "--batch", "2", "--repeats", "1", "--warmup", "0", "--json",
                 "--teacher", teacher]) == 0  # fmt: skip

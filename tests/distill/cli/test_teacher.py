@@ -27,7 +27,8 @@ def test_teacher_show_writes_a_pca_picture(tmp_path, capsys):
 
 
 def test_teacher_bench_reports_each_policy_and_precision(tmp_path, capsys):
-    args = ["bench", "teacher", _tiny(tmp_path), "--student-size", "64", "--repeats", "1", "--json"]
+    args = ["bench", "teacher", _tiny(tmp_path), "--student-size", "64", "--repeats", "1", "--device", "cpu",
+            "--json"]
     assert main(args) == 0
     rows = json.loads(capsys.readouterr().out)
     cells = {(r["policy"], r["precision"]) for r in rows}
