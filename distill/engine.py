@@ -347,7 +347,7 @@ class LossMeter:
             return {}
         zero = torch.zeros((), device=self.device)
         values = torch.stack([self.sums.get(k, zero) for k in names]
-                             + [torch.tensor(float(self.counts[k]), device=self.device) for k in names])  # fmt: skip
+                             + [torch.full((), float(self.counts[k]), device=self.device) for k in names])  # fmt: skip
         values = accelerator.reduce(values, "sum").tolist()
         n = len(names)
         return {k: values[i] / values[n + i] for i, k in enumerate(names) if values[n + i] > 0}
@@ -543,7 +543,7 @@ class Trainer:
                 loss_now = None
                 if show:
                     mine = meter.sums.get("loss", torch.zeros((), device=acc.device))
-                    seen = torch.tensor(float(meter.counts["loss"]), device=acc.device)
+                    seen = torch.full((), float(meter.counts["loss"]), device=acc.device)  # a fill: no host copy
                     got = acc.reduce(torch.stack([mine, seen]), "sum").tolist()
                     loss_now = got[0] / max(got[1], 1.0)
                 progress.update(step_in_epoch, loss_now, images_seen / max(elapsed, 1e-9))

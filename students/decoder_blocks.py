@@ -246,12 +246,16 @@ class MSDeformableAttention(nn.Module):
             wh = reference_points[:, :, None, :, 2:]
             locations = reference_points[:, :, None, :, :2] + offsets * scale * wh * self.offset_scale
         elif reference_points.shape[-1] == 2:
-            # offsets are in cells of each level; points of level l use that level's reference point
-            size_wh = torch.tensor([[w, h] for h, w in value_spatial_shapes], dtype=query.dtype, device=query.device)
-            repeats = torch.tensor(self.num_points_list, device=query.device)
-            size_wh = size_wh.repeat_interleave(repeats, dim=0)  # P x 2
-            ref = reference_points.repeat_interleave(repeats, dim=2)[:, :, None]  # B x Q x 1 x P x 2
-            locations = ref + offsets / size_wh
+            # offsets are in cells of each level; points of level l use that level's reference point. Built from
+            # the Python sizes by fills and views: a tensor made from a host list is a copy (a sync on CUDA), and
+            # repeat_interleave by a tensor must read its counts back
+            levels = list(zip(value_spatial_shapes, self.num_points_list))
+            full = dict(dtype=query.dtype, device=query.device)
+            size_wh = torch.cat([torch.stack([torch.full((n,), float(w), **full), torch.full((n,), float(h), **full)],
+                                             -1) for (h, w), n in levels])  # P x 2
+            ref = torch.cat([reference_points[:, :, lvl : lvl + 1].expand(-1, -1, n, -1)
+                             for lvl, (_, n) in enumerate(levels)], dim=2)  # B x Q x P x 2
+            locations = ref[:, :, None] + offsets / size_wh
         else:
             raise ValueError(f"reference_points must end in 2 or 4 values, got shape {tuple(reference_points.shape)}")
         return deformable_attention_core(value, value_spatial_shapes, locations, weights, self.num_points_list,

@@ -413,3 +413,26 @@ def test_norm_ffn_and_gate_formulas():
     torch.testing.assert_close(gate(x1, x2), F.layer_norm((x1 + x2) / 2, (8,)))
     gate = Gate(8, use_rmsnorm=True)
     assert isinstance(gate.norm, RMSNorm)
+
+
+def test_point_references_sample_each_level_at_its_own_point_in_cells_of_that_level():
+    """The ``B x Q x levels x 2`` reference branch (no host-built tensors) against the plain formula: level l's
+    points start at level l's reference point and move in cells of level l."""
+    from students.decoder_blocks import MSDeformableAttention, deformable_attention_core
+
+    torch.manual_seed(0)
+    attn = MSDeformableAttention(embed_dim=16, num_heads=2, num_levels=3, num_points=[2, 3, 1])
+    with torch.no_grad():
+        attn.sampling_offsets.weight.normal_()  # offsets that depend on the query
+    shapes = [[8, 6], [4, 3], [2, 2]]
+    value = [torch.randn(2, 2, 8, h * w) for h, w in shapes]
+    query, ref = torch.randn(2, 5, 16), torch.rand(2, 5, 3, 2)
+    got = attn(query, ref, value, shapes)
+
+    offsets = attn.sampling_offsets(query).reshape(2, 5, 2, 6, 2)
+    weights = attn.attention_weights(query).reshape(2, 5, 2, 6).softmax(-1)
+    level = [0, 0, 1, 1, 1, 2]
+    size = torch.tensor([[shapes[lvl][1], shapes[lvl][0]] for lvl in level], dtype=torch.float32)
+    locations = ref[:, :, None, level] + offsets / size
+    want = deformable_attention_core(value, shapes, locations, weights, [2, 3, 1], "default")
+    assert torch.allclose(got, want, atol=1e-6)
