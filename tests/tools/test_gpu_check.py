@@ -93,6 +93,7 @@ def test_cpu_mode_benchmarks_and_quickstart_report_figures(cpu_report):
     for name in ("bench_step", "bench_teacher", "bench_infer"):
         assert report[name]["rc"] == 0 and report[name]["result"], name
     assert {"plain", "dsi", "dsi_gam"} <= set(json.dumps(report["bench_step"]["result"]).replace('"', " ").split())
+    assert "skipped" in report["bench_variants"]  # the GPU's extra run: the CPU plan's bench_step has the variants
     quick = report["quickstart"]
     assert quick["train"]["rc"] == 0 and quick["summary"]["epochs"] == 1
     assert math.isfinite(quick["eval_metrics"]["AP"])
