@@ -66,7 +66,7 @@ class RunResult:
 @dataclass
 class GridResults:
     directory: str
-    axes: list[dict]  # {key, name, seed}
+    axes: list[dict]  # {key, name, seed, values, labels}
     runs: list[RunResult]
 
     @property
@@ -85,9 +85,19 @@ class GridResults:
             out.setdefault(key, []).append(r)
         return out
 
+    def value_label(self, name: str, value: Any, limit: int = 32) -> str:
+        """The grid file's label of an axis value (its ``labels``), else the value's short text."""
+        axis = next((a for a in self.axes if a["name"] == name), {})
+        if axis.get("labels") and axis.get("values") is not None:
+            want = json.dumps(value, default=str, sort_keys=True)
+            for v, label in zip(axis["values"], axis["labels"]):
+                if json.dumps(v, default=str, sort_keys=True) == want:
+                    return label
+        return value_text(value, limit)
+
     def cell_label(self, run: RunResult, sep: str = ", ") -> str:
         """``axis=value`` of a run's cell ('all runs' for a grid without non-seed axes)."""
-        return sep.join(f"{n}={value_text(run.values.get(n))}" for n in self.cell_axes) or "all runs"
+        return sep.join(f"{n}={self.value_label(n, run.values.get(n))}" for n in self.cell_axes) or "all runs"
 
 
 def load_results(grid_dir: str | Path) -> GridResults:
@@ -126,7 +136,8 @@ def load_results(grid_dir: str | Path) -> GridResults:
         metrics = run_dir.metrics() if run_dir.metrics_path.is_file() else []
         runs.append(RunResult(name, rec.get("status", "pending"), dict(rec.get("values", {})), metrics,
                               run_dir.summary()))
-    return GridResults(str(grid_dir), [{k: a.get(k) for k in ("key", "name", "seed")} for a in axes], runs)
+    return GridResults(str(grid_dir), [{k: a.get(k) for k in ("key", "name", "seed", "values", "labels")}
+                                       for a in axes], runs)
 
 
 # ---- figures of one run ----------------------------------------------------------------------------------------
@@ -219,7 +230,7 @@ def cells_markdown(results: GridResults) -> str:
         rows = [summaries[r.run] for r in runs]
         done = sum(r.status == "done" for r in runs)
         wall = [None if s["wall_time_s"] is None else s["wall_time_s"] / 60 for s in rows]
-        cols = [value_text(runs[0].values.get(n), 48) for n in axes]
+        cols = [results.value_label(n, runs[0].values.get(n), 48) for n in axes]
         cols += [f"{done}/{len(runs)}", mean_std([s["best_AP"] for s in rows]),
                  *[mean_std([s.get(k) for s in rows]) for k in AP_KEYS[1:3]],
                  *[mean_std([s.get(k) for s in rows]) for k in weight_keys],
@@ -237,11 +248,12 @@ def pivot_markdown(results: GridResults) -> str | None:
     best = {r.run: summarize_run(r)["best_AP"] for r in results.runs}
     row_vals = list(dict.fromkeys(json.dumps(r.values.get(row_axis), default=str) for r in results.runs))
     col_vals = list(dict.fromkeys(json.dumps(r.values.get(col_axis), default=str) for r in results.runs))
-    lines = [_markdown_row([f"{row_axis} \\ {col_axis}", *[value_text(json.loads(c), 48) for c in col_vals]]),
+    lines = [_markdown_row([f"{row_axis} \\ {col_axis}",
+                            *[results.value_label(col_axis, json.loads(c), 48) for c in col_vals]]),
              "|" + "---|" * (len(col_vals) + 1)]
     for rv in row_vals:
         cols = [mean_std([best[r.run] for r in cells.get((rv, cv), [])]) for cv in col_vals]
-        lines.append(_markdown_row([value_text(json.loads(rv), 48), *cols]))
+        lines.append(_markdown_row([results.value_label(row_axis, json.loads(rv), 48), *cols]))
     return "\n".join(lines)
 
 
@@ -259,7 +271,8 @@ def runs_markdown(results: GridResults) -> str:
     lines = [_markdown_row(header), "|" + "---|" * len(header)]
     for run, row in zip(results.runs, rows):
         lines.append(_markdown_row([
-            run.run, *(value_text(run.values.get(n), 48) for n in names), run.status, num(row["best_AP"], 100),
+            run.run, *(results.value_label(n, run.values.get(n), 48) for n in names), run.status,
+            num(row["best_AP"], 100),
             "–" if row["best_epoch"] is None else row["best_epoch"], *(num(row.get(k), fmt=".3g") for k in weights),
             num(row["mean_aifi_grad_ratio"], 100),
         ]))

@@ -131,7 +131,8 @@ def write_grid_info(grid: Grid, runs: Sequence[Run]) -> None:
         "base": grid.base,
         "mode": grid.mode,
         "overrides": grid.overrides,
-        "axes": [{"key": a.key, "name": a.name, "values": a.values, "seed": a.seed} for a in grid.axes],
+        "axes": [{"key": a.key, "name": a.name, "values": a.values, "seed": a.seed, "labels": a.labels}
+                 for a in grid.axes],
         "runs": [r.dirname for r in runs],
     }
     (Path(grid.output_dir) / GRID_INFO).write_text(json.dumps(info, indent=1, default=str) + "\n")

@@ -7,12 +7,15 @@ A grid file::
     mode: product                              # or zip (axes of equal length, walked together)
     axes:
       - {key: distill.injections, name: taps, values: [[{tap: F5, weight: 5}], [{tap: a, weight: 5}]]}
-      - {key: distill.gam.enabled, name: gam, values: [false, true]}
+      - {key: distill.gam.enabled, name: gam, values: [false, true], labels: [static, GAM]}  # labels: display
     exclude:                                   # a run matching every pair of one rule is dropped
       - {taps: [{tap: a, weight: 5}], gam: true}
     seeds: [0, 1]                              # shorthand for an axis on `seed`, crossed with everything
     output_dir: runs/taps                      # relative to this file; default <file dir>/<file stem>
     launcher: {partition: gpu, nodes: 1, gpus_per_node: 4}   # cluster jobs: LauncherConfig, distill.grid.cluster
+
+``labels`` (optional, one per value) name the values in ``distill collect``'s tables and plots; run names and
+hashes keep the values, so adding labels to a grid that has run renames nothing.
 
 Each run lives in ``<output_dir>/<slug>-<hash8>``: the slug is readable (``taps-F5_w-5_seed-0``), the hash is
 of the resolved overrides (stable across machines and key order). Overrides reach the trainer as
@@ -38,7 +41,7 @@ from ..errors import MissingPathError, UserError
 from ..yamlconf import ConfigError, build
 
 GRID_KEYS = ("base", "overrides", "axes", "mode", "exclude", "seeds", "output_dir", "launcher")
-AXIS_KEYS = ("key", "values", "name")
+AXIS_KEYS = ("key", "values", "name", "labels")
 MODES = ("product", "zip")
 SEED_KEY = "seed"
 
@@ -99,6 +102,7 @@ class Axis:
     values: list
     name: str
     seed: bool = False
+    labels: list[str] | None = None  # one per value, for tables and plots only (run names keep the values)
 
 
 @dataclass
@@ -198,13 +202,20 @@ def _parse_axes(path: Path, raw) -> list[Axis]:
             raise UserError(f"{path}: axes[{i}] must be a mapping with keys {list(AXIS_KEYS)}")
         unknown = sorted(set(item) - set(AXIS_KEYS))
         if unknown or "key" not in item or "values" not in item:
-            raise UserError(f"{path}: axes[{i}] needs 'key' and 'values' (and optionally 'name'); got {sorted(item)}")
+            raise UserError(f"{path}: axes[{i}] needs 'key' and 'values' (and optionally 'name', 'labels'); "
+                        f"got {sorted(item)}")
         values = item["values"]
         if not isinstance(values, list) or not values:
             raise UserError(f"{path}: axes[{i}] ({item['key']}) 'values' must be a non-empty list")
         key = str(item["key"])
         name = str(item.get("name") or key.rsplit(".", 1)[-1])
-        axes.append(Axis(key, list(values), name, seed=key == SEED_KEY))
+        labels = item.get("labels")
+        if labels is not None and (not isinstance(labels, list) or len(labels) != len(values)
+                                   or not all(isinstance(x, str) and x for x in labels)
+                                   or len(set(labels)) != len(labels)):
+            raise UserError(f"{path}: axes[{i}] ({key}) 'labels' must be {len(values)} distinct non-empty strings, "
+                            f"one per value; got {labels!r}")
+        axes.append(Axis(key, list(values), name, seed=key == SEED_KEY, labels=labels))
     return axes
 
 

@@ -223,6 +223,21 @@ def test_collect_two_axis_pivot(tmp_path):
     assert "| 5 | 0.4800 | 0.4800 |" in md  # w=5, seed 0: 0.46 + 0.02 in both model columns
 
 
+def test_axis_labels_name_the_values_in_tables_and_plots_but_not_the_runs(tmp_path):
+    axes = [{"key": "distill.injections.0.weight", "name": "w", "values": [1, 5, 20], "labels": ["low", "mid", "high"]}]
+    grid = load_grid(_grid(tmp_path, axes=axes, seeds=[0, 1]))
+    (tmp_path / "unlabelled").mkdir()
+    unlabelled = load_grid(_grid(tmp_path / "unlabelled", axes=[{k: v for k, v in axes[0].items() if k != "labels"}],
+                                 seeds=[0, 1]))
+    assert [r.dirname for r in expand(grid)] == [r.dirname for r in expand(unlabelled)]  # runs keep their names
+    run_grid(grid, runner=FakeRunner(write=_write_run), log=lambda _: None)
+    md = markdown(load_results(grid.output_dir))
+    assert "| mid | 2/2 | 0.4900 ± 0.0141 |" in md and "| w=low | w=mid |" in md  # cell table, paired differences
+    for bad in (["low", "mid"], ["low", "low", "high"], ["low", "", "high"], "low"):
+        with pytest.raises(UserError, match=r"'labels' must be 3 distinct non-empty strings"):
+            load_grid(_grid(tmp_path, axes=[{**axes[0], "labels": bad}]))
+
+
 def test_collect_tolerates_a_cut_last_line_but_not_a_bad_middle_line(static_grid, capsys):
     run = sorted(p for p in static_grid.iterdir() if p.name.startswith("w-5_seed-1"))[0]
     metrics = run / "metrics.jsonl"
