@@ -168,6 +168,7 @@ class TrainConfig:
     channels_last: bool = True  # student weights and batch in NHWC: oneDNN convolutions skip their reorders
     compile: bool = False  # torch.compile the backbone + encoder; compiled once per run, before the first step
     fused_optimizer: bool = True  # AdamW's fused kernel
+    recompute_topk: bool = True  # query selection ranks without autograd, back-propagates the top-k rows only
     # experiment trackers through Accelerate (the `trackers` extra): every metrics.jsonl value per epoch, the
     # resolved config as hyperparameters; the run is named after output_dir's last part (distill.trackers)
     log_with: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=list)

@@ -429,24 +429,29 @@ def select_topk(
     back several times); 'agnostic' ranks the single score. Returns (``B x topk x C`` memory, ``B x topk x K``
     logits or None, ``B x topk x 4`` anchors).
     """
+    index = topk_index(logits, topk, method)
+    return take_rows(memory, index), (take_rows(logits, index) if return_logits else None), take_rows(anchors, index)
+
+
+def topk_index(logits: torch.Tensor, topk: int, method: str = "default") -> torch.Tensor:
+    """``B x topk`` indices of the tokens :func:`select_topk` picks from ``B x L x K`` logits."""
     _check_choice("query_select_method", method, QUERY_SELECT_METHODS)
-    if memory.shape[1] < topk:
+    if logits.shape[1] < topk:
         raise ValueError(
-            f"the input gives {memory.shape[1]} encoder tokens, fewer than the {topk} decoder queries: "
+            f"the input gives {logits.shape[1]} encoder tokens, fewer than the {topk} decoder queries: "
             "use a larger input size (e.g. >= 160 px for 100 queries, >= 256 px for 300)"
         )
     if method == "default":
-        index = logits.amax(-1).topk(topk, dim=-1).indices
-    elif method == "one2many":
-        index = torch.div(logits.flatten(1).topk(topk, dim=-1).indices, logits.shape[-1], rounding_mode="floor")
-    else:
-        index = logits.squeeze(-1).topk(topk, dim=-1).indices
+        return logits.amax(-1).topk(topk, dim=-1).indices
+    if method == "one2many":
+        return torch.div(logits.flatten(1).topk(topk, dim=-1).indices, logits.shape[-1], rounding_mode="floor")
+    return logits.squeeze(-1).topk(topk, dim=-1).indices
 
-    def take(x: torch.Tensor) -> torch.Tensor:
-        x = x.expand(index.shape[0], -1, -1)
-        return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
 
-    return take(memory), (take(logits) if return_logits else None), take(anchors)
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` (``B x k``) of ``x`` (``B x L x C``, or ``1 x L x C`` shared by the batch): ``B x k x C``."""
+    x = x.expand(index.shape[0], -1, -1)
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -627,6 +632,9 @@ class FDRTransformerBase(nn.Module):
         self.num_levels = num_levels
         self.num_classes = num_classes
         self.num_queries = num_queries
+        # training: rank every token without autograd, then compute the top-k rows again with it (the same values
+        # and gradients as official, a cheaper backward); distill.speed's `recompute_topk` sets it
+        self.recompute_topk = True
         self.eps = eps
         self.num_layers = num_layers
         self.eval_spatial_size = list(eval_spatial_size) if eval_spatial_size else None
@@ -701,11 +709,23 @@ class FDRTransformerBase(nn.Module):
         """
         anchors, valid_mask = self._anchors_for(spatial_shapes, memory.device)
         memory = valid_mask.to(memory.dtype) * memory
-        memory = self._encoder_memory(memory)
-        enc_logits = self.enc_score_head(memory)
-        topk_memory, topk_logits, topk_anchors = select_topk(
-            memory, enc_logits, anchors, self.num_queries, self.query_select_method, return_logits=self.training
-        )
+        if self.training and self.recompute_topk and torch.is_grad_enabled():
+            # Only the chosen tokens reach a loss (the encoder terms, the box head); the projection and score head
+            # are per token. So every token is ranked without autograd and the chosen rows are computed again with
+            # it: the same values and gradients, while the backward skips the other ~96% of the tokens (the
+            # official code back-propagates zeros through all of them).
+            with torch.no_grad():
+                index = topk_index(self.enc_score_head(self._encoder_memory(memory)), self.num_queries,
+                                   self.query_select_method)
+            topk_memory = self._encoder_memory(take_rows(memory, index))
+            topk_logits = self.enc_score_head(topk_memory)
+        else:
+            memory = self._encoder_memory(memory)
+            enc_logits = self.enc_score_head(memory)
+            index = topk_index(enc_logits, self.num_queries, self.query_select_method)
+            topk_memory = take_rows(memory, index)
+            topk_logits = take_rows(enc_logits, index) if self.training else None
+        topk_anchors = take_rows(anchors, index)
         topk_ref_unact = self.enc_bbox_head(topk_memory) + topk_anchors
 
         enc_boxes, enc_scores = [], []

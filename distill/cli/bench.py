@@ -142,7 +142,7 @@ def step_report(result: dict[str, Any]) -> str:
 
 
 def _options(options: dict[str, Any]) -> str:
-    on = [name for name in ("channels_last", "compile", "fused_optimizer") if options[name]]
+    on = [name for name in ("channels_last", "compile", "fused_optimizer", "recompute_topk") if options.get(name)]
     return ", ".join(on) or "none"
 
 

@@ -66,7 +66,8 @@ def test_options_from_the_config():
     multi = load_config(None, ["data.base_size_repeat=3", "compile=true", "channels_last=false"])
     assert SpeedOptions.from_config(multi) == SpeedOptions(channels_last=False, compile=True, dynamic=True)
     off = SpeedOptions.off()
-    assert not (off.channels_last or off.compile or off.fused_optimizer)
+    assert not (off.channels_last or off.compile or off.fused_optimizer or off.recompute_topk)
+    assert SpeedOptions.from_config(load_config(None, ["recompute_topk=false"])).recompute_topk is False
     assert optimizer_kwargs(off, torch.device("cpu")) == {}
     assert optimizer_kwargs(SpeedOptions(), torch.device("cpu")) == {"fused": True}
 
@@ -112,6 +113,7 @@ def test_a_step_with_the_speed_options_matches_the_eager_step(name, size):
     conv = next(m for m in student_on.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)  # the options were really on
     assert opt_on.param_groups[0]["fused"] and not opt_off.param_groups[0]["fused"]
+    assert student_on.decoder.recompute_topk and not results["off"][2].decoder.recompute_topk
     assert losses_on.keys() == losses_off.keys()
     for key in losses_on:
         torch.testing.assert_close(losses_on[key], losses_off[key], rtol=1e-4, atol=1e-6, msg=key)

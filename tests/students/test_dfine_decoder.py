@@ -436,3 +436,41 @@ def test_point_references_sample_each_level_at_its_own_point_in_cells_of_that_le
     locations = ref[:, :, None, level] + offsets / size
     want = deformable_attention_core(value, shapes, locations, weights, [2, 3, 1], "default")
     assert torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["default", "one2many", "agnostic"])
+def test_training_query_selection_equals_the_all_token_computation(method):
+    """Training ranks every token without autograd and recomputes the chosen rows with it; the top-k logits, boxes
+    and every gradient equal the official all-token computation (projection + score head over every token)."""
+    from students.decoder_blocks import select_topk
+
+    torch.manual_seed(0)
+    dec = DFINETransformer(**{**TINY, "query_select_method": method,
+                              **({"num_classes": 1} if method == "agnostic" else {})}).double().train()
+    memory = torch.randn(2, 84, 32, dtype=torch.float64, requires_grad=True)
+    shapes = [[8, 8], [4, 4], [2, 2]]
+    weights = torch.randn(2, 12, dec.num_classes, dtype=torch.float64), torch.randn(2, 12, 4, dtype=torch.float64)
+
+    def grads(logits, boxes):
+        params = [memory, *dec.enc_output.parameters(), *dec.enc_score_head.parameters(),
+                  *dec.enc_bbox_head.parameters()]
+        return torch.autograd.grad((logits * weights[0]).sum() + (boxes * weights[1]).sum(), params)
+
+    assert dec.recompute_topk  # on by default
+    _, _, boxes, logits = dec._get_decoder_input(memory, shapes)
+    got = (logits[0], boxes[0], grads(logits[0], boxes[0]))
+
+    anchors, valid = dec._anchors_for(shapes, memory.device)
+    full = dec.enc_output(valid.to(memory.dtype) * memory)
+    top_mem, top_logits, top_anchors = select_topk(full, dec.enc_score_head(full), anchors, 12, method)
+    want_boxes = (dec.enc_bbox_head(top_mem) + top_anchors).sigmoid()
+    want = (top_logits, want_boxes, grads(top_logits, want_boxes))
+    dec.recompute_topk = False  # the official all-token path, through the decoder itself
+    _, _, off_boxes, off_logits = dec._get_decoder_input(memory, shapes)
+    torch.testing.assert_close(off_logits[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(off_boxes[0], want[1], rtol=0, atol=0)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-12)
+    for g, w in zip(got[2], want[2]):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    assert got[2][0].abs().sum() > 0  # the memory does get a gradient, through the chosen rows
