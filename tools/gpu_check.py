@@ -18,7 +18,8 @@ JSON file is rewritten after every section, so a run cut short keeps what it had
    DEIM-D-FINE-S at 640 px, batch 16 (``plain``) and DEIMv2-S with DSI + GAM and a random teacher shaped like
    DINOv3 ViT-B/16 (``dsi_gam``), each under bf16 and fp16 autocast (fp16 with accelerate's GradScaler and the
    recipe's gradient clipping). Losses come from the run's ``metrics.jsonl``; peak memory is
-   ``torch.cuda.max_memory_allocated``.
+   ``torch.cuda.max_memory_allocated``. accelerate keeps one mixed precision per process, so the fp16 runs happen
+   in a child process of this script (``--only-train --precisions fp16``) whose report is merged.
 4. ``gam_vs_cpu``: every gradient the live GAM measured (cloned on the device, so no host sync is added) is
    replayed through a second :class:`distill.gam.GAM` on the CPU; the closing ratio, weight and reason must agree.
 5. ``sync_debug``: ``torch.cuda.set_sync_debug_mode("warn")`` over one whole optimizer step (from the forward of
@@ -647,6 +648,17 @@ def train_run(plan: Plan, kind: str, precision: str, work: Path, teacher: Path, 
     return result
 
 
+def _train_in_child(precision: str) -> dict[str, Any]:
+    """The train section at one precision, in a new process of this script (its report's data, or ``error``)."""
+    with tempfile.TemporaryDirectory(prefix="gpu_check_child_") as tmp:
+        path = Path(tmp) / "child.json"
+        res = _run([sys.executable, str(Path(__file__).resolve()), "--only-train", "--skip-install", "--precisions",
+                    precision, "--out", str(path)], 600)
+        if not path.is_file():
+            return {"error": f"rc {res['rc']}: {res['tail'][-3:]}"}
+        return json.loads(path.read_text())
+
+
 def train_section(report: Report, plan: Plan, work: Path, teacher: Path, synth: Path) -> None:
     gam_all: dict[str, Any] = {}
     sync_all: dict[str, Any] = {}
@@ -660,6 +672,8 @@ def train_section(report: Report, plan: Plan, work: Path, teacher: Path, synth: 
                         out[key] = dict(NO_CUDA)
                         print(f"[gpu_check] train {key}: skipped (no CUDA device)", flush=True)
                     continue
+                if precision != plan.precisions[0]:
+                    continue  # accelerate keeps one mixed precision per process: the others run in a child
                 try:
                     res = train_run(plan, kind, precision, work, teacher, synth, mirror=kind == "dsi_gam",
                                     sync=plan.cuda and precision == "bf16")
@@ -679,6 +693,20 @@ def train_section(report: Report, plan: Plan, work: Path, teacher: Path, synth: 
                 if precision == "fp16":
                     report.check(res["grad_scaler"]["used"], f"train {key}: fp16 without a GradScaler")
                 print(f"[gpu_check] train {key}: loss {res['losses'].get('loss')} in {res['seconds']} s", flush=True)
+        for precision in plan.precisions[1:]:
+            child = _train_in_child(precision)
+            for key, value in child.get("train", {}).items():
+                if key.endswith(f"/{precision}"):
+                    out[key] = value
+                    print(f"[gpu_check] train {key} (own process): {value.get('error') or value['losses'].get('loss')}",
+                          flush=True)
+            gam_all.update({k: v for k, v in child.get("gam_vs_cpu", {}).items() if k.endswith(f"/{precision}")})
+            memory.update((child.get("peak_memory") or {}).get("train_mib", {}))
+            if "train" not in child:
+                report.check(False, f"train {precision}: its process wrote no report ({child.get('error')})")
+            for failure in child.get("failures", []):
+                if failure.startswith("train"):
+                    report.check(False, f"{failure} ({precision}, own process)")
     report.data["gam_vs_cpu"] = gam_all
     for key, epochs in gam_all.items():
         report.check(bool(epochs) and all(e["match"] for e in epochs) and all(s > 0 for e in epochs

@@ -173,6 +173,33 @@ def test_sync_chains_name_the_ops_around_each_synchronising_call():
     }
 
 
+def test_each_further_precision_trains_in_its_own_process(monkeypatch, tmp_path):
+    """accelerate keeps one mixed precision per process (the first GPU run failed there): bf16 runs here, fp16 in a
+    child whose report is merged, its failures included."""
+    gpu_check = _load_script()
+    here = []
+
+    def train_run(plan, kind, precision, *args, **kwargs):
+        here.append((kind, precision))
+        return {"finite": True, "losses": {"loss": 1.0}, "seconds": 0.1, "peak_memory_mib": 5.0}
+
+    child = {"train": {"plain/fp16": {"finite": True, "losses": {"loss": 2.0}},
+                       "dsi_gam/fp16": {"error": "RuntimeError: boom"}},
+             "gam_vs_cpu": {"dsi_gam/fp16": [{"match": True, "steps": [3, 3]}]},
+             "peak_memory": {"train_mib": {"plain/fp16": 6.0}}, "failures": ["train dsi_gam/fp16: RuntimeError: boom"]}
+    asked = []
+    monkeypatch.setattr(gpu_check, "train_run", train_run)
+    monkeypatch.setattr(gpu_check, "_train_in_child", lambda precision: asked.append(precision) or child)
+    report = gpu_check.Report(tmp_path / "report.json")
+    gpu_check.train_section(report, gpu_check.gpu_plan(), tmp_path, tmp_path, tmp_path)
+    assert here == [("plain", "bf16"), ("dsi_gam", "bf16")] and asked == ["fp16"]
+    train = report.data["train"]
+    assert train["plain/bf16"]["losses"]["loss"] == 1.0 and train["plain/fp16"]["losses"]["loss"] == 2.0
+    assert report.data["gam_vs_cpu"]["dsi_gam/fp16"][0]["match"] is True
+    assert report.data["peak_memory"]["train_mib"] == {"plain/bf16": 5.0, "dsi_gam/bf16": 5.0, "plain/fp16": 6.0}
+    assert "train dsi_gam/fp16: RuntimeError: boom (fp16, own process)" in report.failures
+
+
 @pytest.mark.cuda
 def test_gam_on_cuda_matches_the_cpu_on_the_same_gradients():
     from torch import nn
