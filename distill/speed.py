@@ -124,19 +124,11 @@ def _called_modules(student: nn.Module, roots: Iterable[str], size: int = 64) ->
     called: set[nn.Module] = set()
     handles = [m.register_forward_pre_hook(lambda mod, _args: called.add(mod))
                for root in roots for m in student.get_submodule(root).modules()]  # fmt: skip
-    saved = {k: b.clone() for k, b in student.named_buffers()}
-    was_training = student.training
-    device = next(student.parameters()).device
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            student.train()
-            student.tap_features(torch.rand(2, 3, size, size, device=device), [])
+        student.dummy_tap_features(size)
     finally:
         for h in handles:
             h.remove()
-        student.train(was_training)
-        for k, b in student.named_buffers():
-            b.copy_(saved[k])
     return called
 
 

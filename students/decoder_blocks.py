@@ -719,13 +719,13 @@ class FDRTransformerBase(nn.Module):
                                    self.query_select_method)
             topk_memory = self._encoder_memory(take_rows(memory, index))
             topk_logits = self.enc_score_head(topk_memory)
+            topk_anchors = take_rows(anchors, index)
         else:
             memory = self._encoder_memory(memory)
-            enc_logits = self.enc_score_head(memory)
-            index = topk_index(enc_logits, self.num_queries, self.query_select_method)
-            topk_memory = take_rows(memory, index)
-            topk_logits = take_rows(enc_logits, index) if self.training else None
-        topk_anchors = take_rows(anchors, index)
+            topk_memory, topk_logits, topk_anchors = select_topk(
+                memory, self.enc_score_head(memory), anchors, self.num_queries, self.query_select_method,
+                return_logits=self.training,
+            )
         topk_ref_unact = self.enc_bbox_head(topk_memory) + topk_anchors
 
         enc_boxes, enc_scores = [], []

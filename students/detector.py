@@ -189,21 +189,25 @@ class Detector(nn.Module):
         return TapCapture(self, [self.taps[n] for n in names])
 
     @torch.no_grad()
-    def check_taps(self, size: int = 64) -> None:
-        """Run backbone + encoder on a ``2 x 3 x size x size`` dummy batch and compare every tap with its declared
-        channels/stride. Train mode avoids the eval-time caches tied to ``eval_spatial_size``; the RNG and the
-        BatchNorm running statistics are restored afterwards, so building stays side-effect free."""
+    def dummy_tap_features(self, size: int = 64, names: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+        """Backbone + encoder on a random ``2 x 3 x size x size`` batch, leaving no trace: train mode (no eval-time
+        caches tied to ``eval_spatial_size``), then the mode, the RNG and the buffers (BatchNorm statistics) put
+        back. Returns the named taps."""
         saved = {k: b.clone() for k, b in self.named_buffers()}
         was_training = self.training
         device = next(self.parameters()).device
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 self.train()
-                feats = self.tap_features(torch.rand(2, 3, size, size, device=device), self.taps)
+                return self.tap_features(torch.rand(2, 3, size, size, device=device), names)
         finally:
             self.train(was_training)
             for k, b in self.named_buffers():
                 b.copy_(saved[k])
+
+    def check_taps(self, size: int = 64) -> None:
+        """Compare every tap of a dummy forward (:meth:`dummy_tap_features`) with its declared channels/stride."""
+        feats = self.dummy_tap_features(size, self.taps)
         for tap in self.taps.values():
             got = feats.get(tap.name)
             want = (2, tap.channels, size // tap.stride, size // tap.stride)

@@ -42,7 +42,4 @@ def quickstart(args: argparse.Namespace) -> int:
                 "pca": "PCA feature panel: plain and distilled F5 / P-maps beside the teacher's"}.get(kind, kind)
         print(f"{kind + ':':8} {path}   ({what})")
     print(f"table:   {Path(args.out) / 'comparison.md'}   ({result.wall_time_s / 60:.1f} min in all)")
-    # one seed shows a difference, not its size: say where the interval over seeds comes from
-    print("one seed; the spread over seeds: distill grid experiments/embedded/grid_5seeds.yaml, then "
-          "distill collect runs/embedded/grid_5seeds (paired 95% intervals)")
     return 0

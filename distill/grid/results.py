@@ -327,12 +327,12 @@ def _mean_curve(runs: Sequence[RunResult], key: str) -> tuple[list[float], list[
             [max(by_epoch[x]) for x in xs])
 
 
-def _plot_mean(ax, runs: Sequence[RunResult], key: str, label: str) -> bool:
+def _plot_mean(ax, runs: Sequence[RunResult], key: str, label: str, color: str | None = None) -> bool:
     """One line: the mean of ``key`` over the runs of a cell per epoch, their range shaded; False if none has it."""
     xs, mean, lo, hi = _mean_curve(runs, key)
     if not xs:
         return False
-    line, = ax.plot(xs, mean, marker="o", markersize=3, label=label)
+    line, = ax.plot(xs, mean, marker="o", markersize=3, label=label, color=color)
     if len(runs) > 1:
         ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
     return True
@@ -362,7 +362,9 @@ def _finish(fig: Figure, axes: list, labels: int) -> Figure:
 def plot_ap(results: GridResults) -> Figure | None:
     """AP per epoch, one line per cell (mean over the seeds, their range shaded); None without any AP."""
     fig, (ax,) = _figure(1)
-    drawn = sum(_plot_mean(ax, runs, "AP", results.cell_label(runs[0])) for runs in results.cells().values())
+    # colour C<i> is cell i in every plot, also where a cell has nothing to draw (plain runs have no GAM weight)
+    drawn = sum(_plot_mean(ax, runs, "AP", results.cell_label(runs[0]), f"C{i % 10}")
+                for i, runs in enumerate(results.cells().values()))
     if not drawn:
         return None
     ax.set_xlabel("epoch")
@@ -378,15 +380,16 @@ def plot_gam(results: GridResults) -> Figure | None:
     weight_keys = sorted({k for r in results.runs for m in r.metrics for k in m if k.startswith("distill_weight")})
     fig, (ax_w, ax_r) = _figure(2)
     drawn = 0
-    for runs in cells.values():
+    for i, runs in enumerate(cells.values()):
         label = results.cell_label(runs[0])
-        for key in weight_keys:
+        for j, key in enumerate(weight_keys):
             xs, mean, _, _ = _mean_curve(runs, key)
             if xs:
                 suffix = "" if len(weight_keys) == 1 else f" [{key.split('/', 1)[-1]}]"
-                ax_w.plot(xs, mean, marker="o", markersize=3, label=label + suffix)
+                ax_w.plot(xs, mean, marker="o", markersize=3, label=label + suffix, color=f"C{i % 10}",
+                          linestyle=("-", "--", ":", "-.")[j % 4])
                 drawn += 1
-        drawn += _plot_mean(ax_r, runs, "aifi_grad_ratio", label)
+        drawn += _plot_mean(ax_r, runs, "aifi_grad_ratio", label, f"C{i % 10}")
     if not drawn:
         return None
     ax_w.set_ylabel("distill weight λ")

@@ -27,7 +27,8 @@ def test_whole_flow_then_reuse(tmp_path, synth, capsys):
     for row in ("| teacher (deimv2_femto) |", "| plain |", "| distilled (DSI at F5, GAM) |"):
         assert row in printed
     assert "distilled − plain:" in printed and "curves:" in printed and "pca:" in printed
-    assert "one seed; the spread over seeds: distill grid experiments/embedded/grid_5seeds.yaml" in printed
+    assert "one seed: a paired difference, not an effect size: `distill grid experiments/embedded/grid_5seeds.yaml`" \
+        in printed
     comparison = json.loads((out / "comparison.json").read_text())
     arms = comparison["arms"]
     assert set(arms) == {"teacher", "plain", "distilled"} and not any(a["reused"] for a in arms.values())
