@@ -167,8 +167,10 @@ class TrainConfig:
     # speed options (distill.speed): none changes the arithmetic beyond float rounding
     channels_last: bool = True  # student weights and batch in NHWC: oneDNN convolutions skip their reorders
     compile: bool = False  # torch.compile the backbone + encoder; compiled once per run, before the first step
-    fused_optimizer: bool = True  # AdamW's fused kernel
+    fused_optimizer: bool = True  # AdamW's fused kernel; the EMA as one lerp per tensor
     recompute_topk: bool = True  # query selection ranks without autograd, back-propagates the top-k rows only
+    level_sums: bool = True  # deformable attention sums each level's samples as it goes (no concatenation)
+    split_attention: bool = True  # decoder self-attention by the blocks of the denoising mask
     # experiment trackers through Accelerate (the `trackers` extra): every metrics.jsonl value per epoch, the
     # resolved config as hyperparameters; the run is named after output_dir's last part (distill.trackers)
     log_with: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=list)

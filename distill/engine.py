@@ -13,6 +13,7 @@ the interrupted epoch exactly and ends with the same metrics, in one process or 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -154,6 +155,7 @@ class _ExitOnPreemptSignal:
 
     def __init__(self, trainer: Trainer) -> None:
         self.trainer, self.owner, self.previous = trainer, os.getpid(), None
+        self._holding, self._pending = False, None
         name = os.environ.get(PREEMPT_SIGNAL_ENV, "")
         # handlers can only be set from the main thread; a run started from another thread keeps the default
         self.signum = None
@@ -165,8 +167,8 @@ class _ExitOnPreemptSignal:
     def _stop(self, signum: int, frame) -> None:
         if os.getpid() != self.owner:
             return
-        # epochs run in order and a resume restores the history, so its length is the epoch in progress
-        epoch = len(self.trainer.history)
+        # the next epoch to run: it moves only together with the save of last.pt (see held)
+        epoch = self.trainer.epoch
         if self.trainer.main:
             held = f"epoch {epoch - 1}" if epoch else "no epoch yet"
             print(f"stopped by {signal.Signals(signum).name} during epoch {epoch}: checkpoints/last.pt holds "
@@ -174,9 +176,30 @@ class _ExitOnPreemptSignal:
         sys.stdout.flush()
         os._exit(PREEMPTED_EXIT)  # at once: no finalizer may wait on a collective whose peers are gone
 
-    def __enter__(self) -> None:
+    def _on_signal(self, signum: int, frame) -> None:
+        if self._holding:
+            self._pending = signum
+        else:
+            self._stop(signum, frame)
+
+    @contextlib.contextmanager
+    def held(self):
+        """Defer the stop while the block runs (the epoch-end saves and the epoch counter): a stop between the new
+        last.pt and the counter that names it would report the wrong epoch. A signal that arrives meanwhile stops
+        the run when the block ends. (A flag, not a blocked signal mask: the mask is per thread, and the kernel
+        may hand the signal to any of the process's other threads.)"""
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
+            if self._pending is not None:
+                self._stop(self._pending, None)
+
+    def __enter__(self) -> _ExitOnPreemptSignal:
         if self.signum is not None:
-            self.previous = signal.signal(self.signum, self._stop)
+            self.previous = signal.signal(self.signum, self._on_signal)
+        return self
 
     def __exit__(self, *exc) -> None:
         if self.signum is not None:
@@ -395,7 +418,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.train_model, cfg.optim, **optimizer_kwargs(self.speed, acc.device))
         self.model, self.optimizer = acc.prepare(self.train_model, self.optimizer)
         self.criterion.to(acc.device)
-        self.ema = ModelEMA(self.student, cfg.ema.decay, cfg.ema.warmups) if cfg.ema.enabled else None
+        self.ema = (ModelEMA(self.student, cfg.ema.decay, cfg.ema.warmups, lerp=self.speed.fused_optimizer)
+                    if cfg.ema.enabled else None)  # fmt: skip
         if self.ema is not None:
             self.ema.module.to(acc.device)
         if self.speed.compile:  # after the EMA's deep copy, which must not share the compiled code
@@ -411,7 +435,7 @@ class Trainer:
             ema=self.ema, schedule=cfg.schedule, iters_per_epoch=self.iters_per_epoch,
             clip_max_norm=cfg.optim.clip_max_norm,
         )
-        self.epoch = 0  # next epoch to run
+        self.epoch = 0  # next epoch to run: last.pt holds the one before (updated with each save)
         self.best = {"AP": -1.0, "epoch": -1}
         self.wall_time = 0.0
         self.nonfinite_total = 0
@@ -576,7 +600,7 @@ class Trainer:
         try:
             trackers.start(self.accelerator, self.cfg.log_with, self.cfg.tracker_project, self.run_dir,
                            to_dict(self.cfg))
-            with _ExitOnPreemptSignal(self):
+            with _ExitOnPreemptSignal(self) as self._preempt:
                 return self._fit()
         finally:
             self.close()
@@ -612,15 +636,18 @@ class Trainer:
                 self.best = {"AP": metrics["AP"], "epoch": epoch}
             self.history.append({k: _jsonable(v) for k, v in record.items()})
             # Checkpoint first, log second: a metrics line on disk always has its checkpoint behind it, and a
-            # resume rewrites metrics.jsonl from the checkpoint's history, so no line is lost or doubled.
+            # resume rewrites metrics.jsonl from the checkpoint's history, so no line is lost or doubled. A
+            # preemption signal waits for the block, so the epoch its message names is the one last.pt holds.
             state = self._state(epoch)
-            if self.main:
-                if improved:
-                    atomic_save(self._weights(epoch, metrics), os.path.join(self.ckpt_dir, "best.pt"))
-                atomic_save(state, os.path.join(self.ckpt_dir, "last.pt"))
-                with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps(self.history[-1]) + "\n")
-                self._print_epoch(record)
+            with self._preempt.held():
+                if self.main:
+                    if improved:
+                        atomic_save(self._weights(epoch, metrics), os.path.join(self.ckpt_dir, "best.pt"))
+                    atomic_save(state, os.path.join(self.ckpt_dir, "last.pt"))
+                    with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
+                        f.write(json.dumps(self.history[-1]) + "\n")
+                    self._print_epoch(record)
+                self.epoch = epoch + 1
             if cfg.log_with:
                 acc.log(trackers.epoch_values(self.history[-1]), step=epoch)
             acc.wait_for_everyone()

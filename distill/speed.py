@@ -15,13 +15,25 @@ multi-scale batches compile with dynamic spatial sizes, so every size shares one
 once, up front, by :func:`warm_up` on a dummy batch, and the engine logs its time.
 
 ``fused_optimizer`` (default on): AdamW's fused kernel (one call per parameter tensor instead of a dozen
-elementwise ops); on CUDA the ``foreach`` kernels are torch's own default already.
+elementwise ops; on CUDA the ``foreach`` kernels are torch's own default already), and the EMA update as one
+``lerp`` per tensor instead of a multiply and an add (:class:`distill.ema.ModelEMA`).
 
 ``recompute_topk`` (default on): the decoders' query selection (``students.decoder_blocks``) ranks every encoder
 token without autograd and computes the chosen top-k rows again with it. Only those rows reach a loss, so values
 and gradients are the official all-token computation's, while the backward skips the projection and score head
 of the other ~96% of the tokens (measured on a DEIM-D-FINE-S CPU step at 640, batch 2, interleaved A/B: 1-3% of
 the step, 3% of its peak memory).
+
+``level_sums`` (default on): the deformable cross-attention of every decoder weighs and sums each level's samples
+as it goes and adds the levels (``students.decoder_blocks.deformable_attention_core``,
+``students.rtdetrv2_decoder.deformable_sampling``); the official code concatenates every level's samples into one
+``(B*heads) x head_dim x Q x P`` tensor first. The same sum in another order (relative differences ~1e-7), without
+that tensor and its backward.
+
+``split_attention`` (default on): the decoder self-attention in training, whose denoising mask lets the matching
+queries see only each other, runs as an unmasked matching x matching product plus a masked product for the
+denoising rows (``students.decoder_blocks.decoder_self_attention``) instead of one masked product over all
+queries: every query's softmax covers the same keys, about a third of the products are skipped.
 """
 
 from __future__ import annotations
@@ -46,6 +58,8 @@ class SpeedOptions:
     compile: bool = False
     fused_optimizer: bool = True
     recompute_topk: bool = True
+    level_sums: bool = True
+    split_attention: bool = True
     dynamic: bool | None = None  # compile with dynamic spatial sizes (multi-scale runs); None: dynamo decides
     backend: str = "inductor"
 
@@ -53,12 +67,14 @@ class SpeedOptions:
     def from_config(cls, cfg) -> SpeedOptions:
         """The options of a :class:`distill.config.TrainConfig` (dynamic sizes when its data is multi-scale)."""
         return cls(channels_last=cfg.channels_last, compile=cfg.compile, fused_optimizer=cfg.fused_optimizer,
-                   recompute_topk=cfg.recompute_topk,
+                   recompute_topk=cfg.recompute_topk, level_sums=cfg.level_sums,
+                   split_attention=cfg.split_attention,
                    dynamic=True if cfg.data.base_size_repeat is not None else None)  # fmt: skip
 
     @classmethod
     def off(cls) -> SpeedOptions:
-        return cls(channels_last=False, compile=False, fused_optimizer=False, recompute_topk=False)
+        return cls(channels_last=False, compile=False, fused_optimizer=False, recompute_topk=False, level_sums=False,
+                   split_attention=False)
 
 
 def _memory_format(options: SpeedOptions) -> torch.memory_format:
@@ -104,14 +120,15 @@ def match_state_layout(optimizer) -> None:
 
 
 def prepare_student(student: nn.Module, options: SpeedOptions) -> None:
-    """Channels-last weights (in place) and the decoders' query selection mode. Compilation is separate
-    (:func:`compile_student`): it must come after any deep copy of the student (the EMA), whose copy would
-    otherwise call the original's compiled code."""
+    """Channels-last weights (in place) and the decoders' query selection, sampling and self-attention modes.
+    Compilation is separate (:func:`compile_student`): it must come after any deep copy of the student (the EMA),
+    whose copy would otherwise call the original's compiled code."""
     if options.channels_last:
         student.to(memory_format=torch.channels_last)
     for module in student.modules():
-        if hasattr(module, "recompute_topk"):
-            module.recompute_topk = options.recompute_topk
+        for name in ("recompute_topk", "level_sums", "split_attention"):
+            if hasattr(module, name):
+                setattr(module, name, getattr(options, name))
 
 
 # ---------------------------------------------------------------------------------------------------------------

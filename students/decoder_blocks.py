@@ -30,6 +30,7 @@ __all__ = [
     "CROSS_ATTN_METHODS",
     "QUERY_SELECT_METHODS",
     "SAMPLING_METHODS",
+    "decoder_self_attention",
     "deformable_attention_core",
     "grid_sample_by_gather",
     "MSDeformableAttention",
@@ -127,6 +128,7 @@ def deformable_attention_core(
     attention_weights: torch.Tensor,
     num_points_list: list[int],
     method: str = "default",
+    level_sums: bool = False,
 ) -> torch.Tensor:
     """Sample every level at its own points and take the attention-weighted sum.
 
@@ -134,6 +136,9 @@ def deformable_attention_core(
     sampling_locations: ``B x Q x heads x P x 2`` in [0, 1] (x, y), the P = sum(num_points_list) points ordered
     level by level; attention_weights: ``B x Q x heads x P`` (already normalised); method: one of
     :data:`SAMPLING_METHODS` ('gather' is 'default' without GridSample, see :func:`grid_sample_by_gather`).
+    level_sums: weigh and sum each level's samples as it comes and add the levels, instead of the official
+    concatenation of all levels' samples before one weighted sum: the same sum in another order, without the
+    ``(B*heads) x head_dim x Q x P`` concatenation and its backward (distill.speed's ``level_sums``).
     Returns ``B x Q x (heads * head_dim)``.
     """
     _check_choice("sampling method", method, SAMPLING_METHODS)
@@ -148,13 +153,13 @@ def deformable_attention_core(
         weights = attention_weights.permute(0, 2, 1, 3).flatten(0, 1)  # (B*heads) x Q x P
         out = _deformable_attention_by_gather(flat, spatial_shapes, locations, weights, num_points_list)
         return out.reshape(batch, heads, num_queries, head_dim).transpose(1, 2).reshape(batch, num_queries, -1)
-    per_level = locations.split(num_points_list, dim=-2)
-
-    sampled = []
-    for (h, w), value_l, loc_l in zip(spatial_shapes, value, per_level):
+    weights = attention_weights.permute(0, 2, 1, 3).flatten(0, 1).unsqueeze(1)  # (B*heads) x 1 x Q x P
+    sampled, out = [], None
+    for (h, w), value_l, loc_l, weights_l in zip(spatial_shapes, value, locations.split(num_points_list, dim=-2),
+                                                 weights.split(num_points_list, dim=-1)):  # fmt: skip
         value_l = value_l.reshape(batch * heads, head_dim, h, w)
         if method == "default":
-            sampled.append(F.grid_sample(value_l, loc_l, mode="bilinear", padding_mode="zeros", align_corners=False))
+            sample = F.grid_sample(value_l, loc_l, mode="bilinear", padding_mode="zeros", align_corners=False)
         else:
             # nearest cell, no interpolation: ``round(loc * size)`` clamped into the map
             # scaled by Python numbers: a tensor of them per level would be a host-to-device copy on a GPU
@@ -162,10 +167,14 @@ def deformable_attention_core(
             y = (loc_l[..., 1] * h + 0.5).to(torch.int64).clamp(0, h - 1)
             index = (y * w + x).flatten(1)  # (B*heads) x (Q * P_l)
             gathered = value_l.flatten(2).gather(2, index[:, None, :].expand(-1, head_dim, -1))
-            sampled.append(gathered.reshape(batch * heads, head_dim, num_queries, -1))
-
-    weights = attention_weights.permute(0, 2, 1, 3).flatten(0, 1).unsqueeze(1)  # (B*heads) x 1 x Q x P
-    out = (torch.cat(sampled, dim=-1) * weights).sum(-1)  # (B*heads) x head_dim x Q
+            sample = gathered.reshape(batch * heads, head_dim, num_queries, -1)
+        if level_sums:
+            level = (sample * weights_l).sum(-1)  # (B*heads) x head_dim x Q
+            out = level if out is None else out + level
+        else:
+            sampled.append(sample)
+    if not level_sums:
+        out = (torch.cat(sampled, dim=-1) * weights).sum(-1)  # (B*heads) x head_dim x Q
     return out.reshape(batch, heads * head_dim, num_queries).transpose(1, 2)
 
 
@@ -201,6 +210,8 @@ class MSDeformableAttention(nn.Module):
         self.num_points_list = points
         self.offset_scale = offset_scale
         self.method = method
+        # the sampled levels summed one by one (the same sum, cheaper); distill.speed's `level_sums` sets it
+        self.level_sums = True
         total = sum(points)
 
         scale = [1.0 / n for n in points for _ in range(n)]
@@ -259,7 +270,38 @@ class MSDeformableAttention(nn.Module):
         else:
             raise ValueError(f"reference_points must end in 2 or 4 values, got shape {tuple(reference_points.shape)}")
         return deformable_attention_core(value, value_spatial_shapes, locations, weights, self.num_points_list,
-                                         self.method)
+                                         self.method, level_sums=self.level_sums)
+
+
+def decoder_self_attention(attn: nn.MultiheadAttention, query: torch.Tensor, value: torch.Tensor,
+                           attn_mask: torch.Tensor | None = None, num_denoising: int = 0) -> torch.Tensor:
+    """``attn(query, query, value, attn_mask=attn_mask)``: the decoder's self-attention over
+    ``[denoising queries | matching queries]`` (``B x N x C`` each), ``attn_mask`` ``N x N`` bool (True = blocked).
+
+    With ``num_denoising`` > 0 the mask must be :func:`students.denoising.build_denoising_attn_mask`'s, whose
+    matching queries see exactly the matching queries: they then attend among themselves with no mask, and only
+    the ``num_denoising`` denoising rows attend under theirs. The same attention (each query's softmax runs over
+    the same keys) with a ``Q x Q`` unmasked and an ``Ndn x N`` masked product in place of one masked ``N x N``
+    one; the projections are the module's own (``in_proj``, ``out_proj``), applied as it applies them.
+    """
+    if attn_mask is None or num_denoising <= 0 or (attn.training and attn.dropout > 0):
+        return attn(query, query, value, attn_mask=attn_mask, need_weights=False)[0]
+    batch, n, dim = query.shape
+    heads = attn.num_heads
+    w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = attn.in_proj_bias.chunk(3) if attn.in_proj_bias is not None else (None, None, None)
+
+    def split_heads(x: torch.Tensor) -> torch.Tensor:  # B x N x C -> B x heads x N x C/heads
+        return x.reshape(batch, n, heads, dim // heads).transpose(1, 2)
+
+    q = split_heads(F.linear(query, w_q, b_q))
+    k = split_heads(F.linear(query, w_k, b_k))
+    v = split_heads(F.linear(value, w_v, b_v))
+    dn = num_denoising
+    matching = F.scaled_dot_product_attention(q[:, :, dn:], k[:, :, dn:], v[:, :, dn:])
+    denoising = F.scaled_dot_product_attention(q[:, :, :dn], k, v, attn_mask=~attn_mask[:dn])
+    out = torch.cat([denoising, matching], dim=2).transpose(1, 2).reshape(batch, n, dim)
+    return attn.out_proj(out)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -535,8 +577,10 @@ class FDRDecoder(nn.Module):
         up: torch.Tensor,
         reg_scale: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
+        num_denoising: int = 0,
     ):
-        """target: ``B x Q x C`` content; ref_points_unact: ``B x Q x 4`` logit boxes; memory: ``B x L x C``.
+        """target: ``B x Q x C`` content; ref_points_unact: ``B x Q x 4`` logit boxes; memory: ``B x L x C``;
+        ``attn_mask`` the denoising mask over ``[num_denoising denoising queries | matching queries]``.
 
         Returns stacked per-layer (training: all layers; eval: only ``eval_idx``) boxes ``N x B x Q x 4``, logits
         ``N x B x Q x K``, corners ``N x B x Q x 4*(reg_max+1)``, reference boxes ``N x B x Q x 4``, and the layer-0
@@ -561,7 +605,7 @@ class FDRDecoder(nn.Module):
                 output = F.interpolate(output, size=wide)
                 output_detach = output.detach()
 
-            output = layer(output, ref_detach.unsqueeze(2), value, spatial_shapes, attn_mask, pos)
+            output = layer(output, ref_detach.unsqueeze(2), value, spatial_shapes, attn_mask, pos, num_denoising)
 
             if i == 0:
                 pre_boxes = torch.sigmoid(pre_bbox_head(output) + inverse_sigmoid(ref_detach))
@@ -708,20 +752,20 @@ class FDRTransformerBase(nn.Module):
         encoder top-k boxes / logits as lists (one entry in training, empty in eval).
         """
         anchors, valid_mask = self._anchors_for(spatial_shapes, memory.device)
-        memory = valid_mask.to(memory.dtype) * memory
+        valid_mask = valid_mask.to(memory.dtype)
         if self.training and self.recompute_topk and torch.is_grad_enabled():
-            # Only the chosen tokens reach a loss (the encoder terms, the box head); the projection and score head
-            # are per token. So every token is ranked without autograd and the chosen rows are computed again with
-            # it: the same values and gradients, while the backward skips the other ~96% of the tokens (the
+            # Only the chosen tokens reach a loss (the encoder terms, the box head); the mask, projection and score
+            # head are per token. So every token is ranked without autograd and the chosen rows are computed again
+            # with it: the same values and gradients, while the backward skips the other ~96% of the tokens (the
             # official code back-propagates zeros through all of them).
             with torch.no_grad():
-                index = topk_index(self.enc_score_head(self._encoder_memory(memory)), self.num_queries,
+                index = topk_index(self.enc_score_head(self._encoder_memory(valid_mask * memory)), self.num_queries,
                                    self.query_select_method)
-            topk_memory = self._encoder_memory(take_rows(memory, index))
+            topk_memory = self._encoder_memory(take_rows(valid_mask, index) * take_rows(memory, index))
             topk_logits = self.enc_score_head(topk_memory)
             topk_anchors = take_rows(anchors, index)
         else:
-            memory = self._encoder_memory(memory)
+            memory = self._encoder_memory(valid_mask * memory)
             topk_memory, topk_logits, topk_anchors = select_topk(
                 memory, self.enc_score_head(memory), anchors, self.num_queries, self.query_select_method,
                 return_logits=self.training,
@@ -769,6 +813,7 @@ class FDRTransformerBase(nn.Module):
         boxes, logits, corners, refs, pre_boxes, pre_logits = self.decoder(
             content, ref_unact, memory, spatial_shapes, self.dec_bbox_head, self.dec_score_head,
             self.query_pos_head, self.pre_bbox_head, self.integral, self.up, self.reg_scale, attn_mask=attn_mask,
+            num_denoising=dn_meta["dn_num_split"][0] if dn_meta is not None else 0,
         )
 
         if not self.training:

@@ -16,7 +16,15 @@ import torch
 from torch import nn
 from torch.nn import init
 
-from .decoder_blocks import FDRDecoder, FDRTransformerBase, Gate, Integral, MSDeformableAttention, build_input_proj
+from .decoder_blocks import (
+    FDRDecoder,
+    FDRTransformerBase,
+    Gate,
+    Integral,
+    MSDeformableAttention,
+    build_input_proj,
+    decoder_self_attention,
+)
 from .layers import MLP, get_activation
 
 __all__ = ["DFINEDecoderLayer", "DFINETransformer"]
@@ -45,6 +53,9 @@ class DFINEDecoderLayer(nn.Module):
             dim_feedforward = round(layer_scale * dim_feedforward)
             d_model = round(layer_scale * d_model)
         self.self_attn = nn.MultiheadAttention(d_model, n_head, dropout=dropout, batch_first=True)
+        # the denoising mask's blocks attended apart (the same attention, cheaper); distill.speed's
+        # `split_attention` sets it
+        self.split_attention = True
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
         self.cross_attn = MSDeformableAttention(d_model, n_head, n_levels, n_points, method=cross_attn_method)
@@ -67,11 +78,13 @@ class DFINEDecoderLayer(nn.Module):
         spatial_shapes: list[list[int]],
         attn_mask: torch.Tensor | None = None,
         query_pos_embed: torch.Tensor | None = None,
+        num_denoising: int = 0,
     ) -> torch.Tensor:
-        """target: ``B x Q x C``; reference_points: ``B x Q x 1 x 4``; attn_mask: ``Q x Q`` bool (True = blocked)."""
+        """target: ``B x Q x C``; reference_points: ``B x Q x 1 x 4``; attn_mask: ``Q x Q`` bool (True = blocked),
+        the denoising mask of the first ``num_denoising`` queries (:func:`decoder_self_attention`)."""
         q = target if query_pos_embed is None else target + query_pos_embed
-        # need_weights=False lets MultiheadAttention use the fused scaled-dot-product kernel
-        attn = self.self_attn(q, q, target, attn_mask=attn_mask, need_weights=False)[0]
+        attn = decoder_self_attention(self.self_attn, q, target, attn_mask,
+                                      num_denoising if self.split_attention else 0)
         target = self.norm1(target + self.dropout1(attn))
 
         q = target if query_pos_embed is None else target + query_pos_embed

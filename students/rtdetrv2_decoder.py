@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decoder_blocks import grid_sample_by_gather
+from .decoder_blocks import decoder_self_attention, grid_sample_by_gather
 from .denoising import get_contrastive_denoising_training_group, keep_denoising_in_graph
 from .layers import MLP, bias_init_with_prob, get_activation, inverse_sigmoid
 
@@ -36,7 +36,8 @@ def _check_choice(name: str, value, choices) -> None:
 
 
 def deformable_sampling(value: torch.Tensor, spatial_shapes: list[tuple[int, int]], locations: torch.Tensor,
-                        weights: torch.Tensor, num_points_list: list[int], method: str = "default") -> torch.Tensor:
+                        weights: torch.Tensor, num_points_list: list[int], method: str = "default",
+                        level_sums: bool = False) -> torch.Tensor:
     """Weighted sum of feature values sampled at fractional locations, level by level.
 
     Args:
@@ -47,6 +48,8 @@ def deformable_sampling(value: torch.Tensor, spatial_shapes: list[tuple[int, int
         weights: B x Lq x M x P attention weights (already normalised over P).
         method: 'default' bilinear ``grid_sample``; 'discrete' nearest integer cell, no interpolation; 'gather'
             the same as 'default' without GridSample (:func:`students.decoder_blocks.grid_sample_by_gather`).
+        level_sums: add each level's weighted samples as they come instead of concatenating all levels first
+            (the same sum in another order; distill.speed's ``level_sums``).
 
     Returns:
         B x Lq x (M * D).
@@ -57,25 +60,32 @@ def deformable_sampling(value: torch.Tensor, spatial_shapes: list[tuple[int, int
     per_level = value.permute(0, 2, 3, 1).flatten(0, 1).split([h * w for h, w in spatial_shapes], dim=-1)
     locs = locations.permute(0, 2, 1, 3, 4).flatten(0, 1).split(num_points_list, dim=-2)  # (B*M) x Lq x P_l x 2
 
-    sampled = []
-    for (h, w), val, loc in zip(spatial_shapes, per_level, locs):
+    # (B*M) x 1 x Lq x P_l per level, to weigh the samples of that level
+    level_weights = weights.permute(0, 2, 1, 3).reshape(batch * heads, 1, num_q, -1).split(num_points_list, dim=-1)
+    sampled, out = [], None
+    for (h, w), val, loc, weight in zip(spatial_shapes, per_level, locs, level_weights):
         val = val.reshape(batch * heads, dim, h, w)
         if method == "default":
             # grid_sample wants [-1, 1] coordinates; align_corners=False makes -1 / 1 the outer pixel edges
             grid = (2 * loc - 1).to(val.dtype)
-            sampled.append(F.grid_sample(val, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
+            sample = F.grid_sample(val, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         elif method == "gather":  # 'default' without GridSample, which the export switches to
-            sampled.append(grid_sample_by_gather(val, (2 * loc - 1).to(val.dtype)))
+            sample = grid_sample_by_gather(val, (2 * loc - 1).to(val.dtype))
         else:
             pts = loc.shape[2]
             col = (loc[..., 0] * w + 0.5).long().clamp(0, w - 1)
             row = (loc[..., 1] * h + 0.5).long().clamp(0, h - 1)
             flat = (row * w + col).reshape(batch * heads, 1, num_q * pts).expand(-1, dim, -1)
             picked = val.flatten(2).gather(2, flat)
-            sampled.append(picked.reshape(batch * heads, dim, num_q, pts))
-    # (B*M) x D x Lq x P weighted by (B*M) x 1 x Lq x P, summed over points
-    w = weights.permute(0, 2, 1, 3).reshape(batch * heads, 1, num_q, -1)
-    out = (torch.cat(sampled, dim=-1) * w).sum(-1)
+            sample = picked.reshape(batch * heads, dim, num_q, pts)
+        if level_sums:
+            level = (sample * weight).sum(-1)  # (B*M) x D x Lq
+            out = level if out is None else out + level
+        else:
+            sampled.append(sample)
+    if not level_sums:
+        # (B*M) x D x Lq x P weighted by (B*M) x 1 x Lq x P, summed over points
+        out = (torch.cat(sampled, dim=-1) * torch.cat(level_weights, dim=-1)).sum(-1)
     return out.reshape(batch, heads * dim, num_q).transpose(1, 2)
 
 
@@ -105,6 +115,8 @@ class MSDeformableAttention(nn.Module):
         # config compatibility only
         self.value_shape = value_shape
         self.num_points_list = points
+        # the sampled levels summed one by one (the same sum, cheaper); distill.speed's `level_sums` sets it
+        self.level_sums = True
         self.total_points = num_heads * sum(points)
         # 1 / n_points of the point's level: offsets of a level with fewer points may reach as far
         self.register_buffer("num_points_scale",
@@ -171,7 +183,8 @@ class MSDeformableAttention(nn.Module):
         else:
             raise ValueError(f"reference_points must end in 2 or 4 values, got shape {tuple(reference_points.shape)}")
 
-        out = deformable_sampling(value, value_spatial_shapes, locations, weights, self.num_points_list, self.method)
+        out = deformable_sampling(value, value_spatial_shapes, locations, weights, self.num_points_list, self.method,
+                                  level_sums=self.level_sums)
         return self.output_proj(out)
 
 
@@ -183,6 +196,9 @@ class TransformerDecoderLayer(nn.Module):
                  cross_attn_method: str = "default", value_shape: str = "default"):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, n_head, dropout=dropout, batch_first=True)
+        # the denoising mask's blocks attended apart (the same attention, cheaper); distill.speed's
+        # `split_attention` sets it
+        self.split_attention = True
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
 
@@ -202,11 +218,14 @@ class TransformerDecoderLayer(nn.Module):
 
     def forward(self, target: torch.Tensor, reference_points: torch.Tensor, memory: torch.Tensor,
                 memory_spatial_shapes: list[tuple[int, int]], attn_mask: torch.Tensor | None = None,
-                memory_mask: torch.Tensor | None = None, query_pos_embed: torch.Tensor | None = None) -> torch.Tensor:
-        """target: B x Lq x C; reference_points: B x Lq x 1 x 4; memory: B x Lv x C. Returns B x Lq x C."""
+                memory_mask: torch.Tensor | None = None, query_pos_embed: torch.Tensor | None = None,
+                num_denoising: int = 0) -> torch.Tensor:
+        """target: B x Lq x C; reference_points: B x Lq x 1 x 4; memory: B x Lv x C; attn_mask: the denoising mask
+        of the first ``num_denoising`` queries (:func:`students.decoder_blocks.decoder_self_attention`). Returns
+        B x Lq x C."""
         with_pos = target if query_pos_embed is None else target + query_pos_embed
-        # need_weights=False lets PyTorch use its fused scaled-dot-product kernel; the output is the same
-        attended = self.self_attn(with_pos, with_pos, target, attn_mask=attn_mask, need_weights=False)[0]
+        attended = decoder_self_attention(self.self_attn, with_pos, target, attn_mask,
+                                          num_denoising if self.split_attention else 0)
         target = self.norm1(target + self.dropout1(attended))
 
         with_pos = target if query_pos_embed is None else target + query_pos_embed
@@ -236,7 +255,7 @@ class TransformerDecoder(nn.Module):
     def forward(self, target: torch.Tensor, ref_points_unact: torch.Tensor, memory: torch.Tensor,
                 memory_spatial_shapes: list[tuple[int, int]], bbox_head: nn.ModuleList, score_head: nn.ModuleList,
                 query_pos_head: nn.Module, attn_mask: torch.Tensor | None = None,
-                memory_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                memory_mask: torch.Tensor | None = None, num_denoising: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (boxes Nl x B x Lq x 4 normalised cxcywh, logits Nl x B x Lq x K); Nl = num_layers in
         training, 1 (the ``eval_idx`` layer) in eval."""
         boxes, logits = [], []
@@ -244,7 +263,7 @@ class TransformerDecoder(nn.Module):
         ref_grad = None  # the previous layer's refined box with its gradient, for the training outputs
         for i, layer in enumerate(self.layers):
             target = layer(target, ref.unsqueeze(2), memory, memory_spatial_shapes, attn_mask, memory_mask,
-                           query_pos_head(ref))
+                           query_pos_head(ref), num_denoising)
             delta = bbox_head[i](target)
             refined = (delta + inverse_sigmoid(ref)).sigmoid()
             if self.training:
@@ -471,7 +490,8 @@ class RTDETRTransformerv2(nn.Module):
         content, ref_unact, enc_boxes, enc_logits = self._get_decoder_input(memory, spatial_shapes, dn_logits,
                                                                             dn_bbox_unact)
         out_boxes, out_logits = self.decoder(content, ref_unact, memory, spatial_shapes, self.dec_bbox_head,
-                                             self.dec_score_head, self.query_pos_head, attn_mask=attn_mask)
+                                             self.dec_score_head, self.query_pos_head, attn_mask=attn_mask,
+                                             num_denoising=dn_meta["dn_num_split"][0] if dn_meta else 0)
 
         if self.training and dn_meta is not None:
             dn_boxes, out_boxes = out_boxes.split(dn_meta["dn_num_split"], dim=2)

@@ -212,7 +212,7 @@ def build_variants(
     acc = build_accelerator(cfg)
     student = _student(cfg, num_classes, size, acc.device, options)
     criterion = build_criterion(cfg.model.student, num_classes=num_classes, **cfg.loss).to(acc.device)
-    ema = ModelEMA(student, cfg.ema.decay, cfg.ema.warmups)
+    ema = ModelEMA(student, cfg.ema.decay, cfg.ema.warmups, lerp=options.fused_optimizer)
     ema.module.to(acc.device)
     static = replace(cfg.distill, gam=replace(cfg.distill.gam, enabled=False))
     dsi = Distiller(static, student.taps, device=acc.device)
@@ -255,7 +255,7 @@ def build_compare(
     for name, opts in options.items():
         student = _student(cfg, num_classes, size, acc.device, opts)
         criterion = build_criterion(cfg.model.student, num_classes=num_classes, **cfg.loss).to(acc.device)
-        ema = ModelEMA(student, cfg.ema.decay, cfg.ema.warmups)
+        ema = ModelEMA(student, cfg.ema.decay, cfg.ema.warmups, lerp=opts.fused_optimizer)
         ema.module.to(acc.device)
         train_model = TrainModel(student)
         optimizer = build_optimizer(train_model, cfg.optim, **optimizer_kwargs(opts, acc.device))

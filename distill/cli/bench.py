@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import fields
 from typing import Any
 
 from distill.errors import UserError
@@ -142,7 +143,10 @@ def step_report(result: dict[str, Any]) -> str:
 
 
 def _options(options: dict[str, Any]) -> str:
-    on = [name for name in ("channels_last", "compile", "fused_optimizer", "recompute_topk") if options.get(name)]
+    from distill.speed import SpeedOptions
+
+    flags = [f.name for f in fields(SpeedOptions) if f.type in (bool, "bool")]
+    on = [name for name in flags if options.get(name)]
     return ", ".join(on) or "none"
 
 

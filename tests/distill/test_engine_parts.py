@@ -50,6 +50,46 @@ def test_ema_arithmetic_warmup_decay_change_and_shared_weights():
     assert other.updates == 2 and other.decay == 0.5
 
 
+@pytest.mark.parametrize("name", ["deim_dfine_n", "deimv2_atto", "deim_rtdetrv2_r18"])
+def test_ema_averages_each_float_state_dict_tensor_once(name):
+    """The EMA walks parameters and buffers (not ``state_dict()``, slow per step): it must pair exactly the float
+    tensors of the state dict, each storage once (D-FINE's int64 ``reg_scale`` parameter and BatchNorm counters
+    left out; DEIMv2's shared heads averaged once), each with the model tensor of the same key."""
+    from students import build_student
+
+    student = build_student(name, num_classes=3)
+    ema = ModelEMA(student)
+    mine, theirs = ema._pairs(student)
+    want_mine, want_theirs, seen = [], [], set()
+    model_state = student.state_dict(keep_vars=True)
+    for key, v in ema.module.state_dict(keep_vars=True).items():
+        if v.dtype.is_floating_point and v.data_ptr() not in seen:
+            seen.add(v.data_ptr())
+            want_mine.append(v)
+            want_theirs.append(model_state[key])
+    pairs = [(a.data_ptr(), b.data_ptr()) for a, b in zip(mine, theirs)]
+    assert len(pairs) == len(set(pairs)) == len(want_mine)  # each once
+    assert set(pairs) == {(a.data_ptr(), b.data_ptr()) for a, b in zip(want_mine, want_theirs)}
+    assert len(mine) < len(ema.module.state_dict())  # something was left out: the test sees the filter
+    with pytest.raises(ValueError):  # a model of another structure is refused, not paired silently
+        ema._pairs(nn.Sequential(*student.children(), nn.Linear(2, 2)))
+
+
+def test_ema_lerp_is_the_same_average_and_keeps_constants_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8))
+    plain, fused = ModelEMA(model, decay=0.99, warmups=0), ModelEMA(model, decay=0.99, warmups=0, lerp=True)
+    constant = fused.module[1].running_var.clone()  # equal in the model and the copy: must stay bit for bit
+    with torch.no_grad():
+        model[0].weight.add_(torch.randn(8, 8))
+    for _ in range(3):
+        plain.update(model)
+        fused.update(model)
+    torch.testing.assert_close(fused.module[0].weight, plain.module[0].weight, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(fused.module[0].weight, model[0].weight)  # it moved, but not all the way
+    assert torch.equal(fused.module[1].running_var, constant)
+
+
 def test_config_unknown_key_suggests_and_wrong_type_names_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"'optim.weight_dcay'.*weight_decay"):
         build(TrainConfig, {"optim": {"weight_dcay": 0.1}})

@@ -115,3 +115,32 @@ def test_runs_in_one_interpreter_leave_no_state_behind(tmp_path, synth, config):
     subprocess.run([sys.executable, "-m", "distill.cli", "train", config(tmp_path, synth, seed=1), "schedule.epochs=1",
                     "data.num_workers=0", f"output_dir={fresh}"], env=env, check=True, capture_output=True)  # fmt: skip
     assert records(second) == records(fresh)
+
+
+def test_a_preemption_signal_waits_for_the_epoch_end_saves(monkeypatch):
+    """The stop message names the epoch last.pt holds from the trainer's epoch counter, which moves together with
+    the save; the signal is held while both happen, so it cannot land between them (it did: a stop after the
+    epoch's history record but before its last.pt said 'holds epoch 1' of a checkpoint that held epoch 0)."""
+    from distill.engine import PREEMPT_SIGNAL_ENV, _ExitOnPreemptSignal
+
+    class Trainer:
+        epoch, main, history = 1, True, []
+
+    monkeypatch.setenv(PREEMPT_SIGNAL_ENV, "USR2")
+    trainer = Trainer()
+    guard = _ExitOnPreemptSignal(trainer)
+    seen = []
+    guard._stop = lambda signum, frame: seen.append(trainer.epoch)  # the real one ends the process
+    with guard:
+        with guard.held():
+            os.kill(os.getpid(), signal.SIGUSR2)
+            for _ in range(100):  # Python runs handlers between bytecodes: give it many chances
+                time.sleep(0.001)
+            assert seen == []  # held back
+            trainer.epoch = 2  # the save and the counter, together
+        for _ in range(100):
+            if seen:
+                break
+            time.sleep(0.001)
+    assert seen == [2]
+    assert signal.getsignal(signal.SIGUSR2) != guard._on_signal  # put back on exit

@@ -56,7 +56,8 @@ def _step(name: str, size: int, options: SpeedOptions):
     model, optimizer = acc.prepare(model, optimizer)
     recorder = _Recorder(optimizer)
     step = TrainStep(model, build_criterion(name, num_classes=3), recorder, acc, student=student,
-                     ema=ModelEMA(student, 0.9, 0), schedule=cfg.schedule, iters_per_epoch=10)  # fmt: skip
+                     ema=ModelEMA(student, 0.9, 0, lerp=options.fused_optimizer), schedule=cfg.schedule,
+                     iters_per_epoch=10)  # fmt: skip
     return step, student, recorder
 
 
@@ -66,8 +67,10 @@ def test_options_from_the_config():
     multi = load_config(None, ["data.base_size_repeat=3", "compile=true", "channels_last=false"])
     assert SpeedOptions.from_config(multi) == SpeedOptions(channels_last=False, compile=True, dynamic=True)
     off = SpeedOptions.off()
-    assert not (off.channels_last or off.compile or off.fused_optimizer or off.recompute_topk)
-    assert SpeedOptions.from_config(load_config(None, ["recompute_topk=false"])).recompute_topk is False
+    assert not (off.channels_last or off.compile or off.fused_optimizer or off.recompute_topk or off.level_sums
+                or off.split_attention)
+    for flag in ("recompute_topk", "level_sums", "split_attention"):
+        assert getattr(SpeedOptions.from_config(load_config(None, [f"{flag}=false"])), flag) is False
     assert optimizer_kwargs(off, torch.device("cpu")) == {}
     assert optimizer_kwargs(SpeedOptions(), torch.device("cpu")) == {"fused": True}
 
@@ -108,12 +111,21 @@ def test_a_step_with_the_speed_options_matches_the_eager_step(name, size):
         torch.manual_seed(1)  # the denoising queries draw from the global RNG
         losses, total = step(batch_to(images, options), targets, epoch=0)
         names = {id(p): n for n, p in student.named_parameters()}
-        results[label] = (losses, {names[k]: g for k, g in recorder.grads.items() if k in names}, student, recorder)
-    (losses_on, grads_on, student_on, opt_on), (losses_off, grads_off, _, opt_off) = results.values()
+        ema = dict(step.ema.module.named_parameters())
+        results[label] = (losses, {names[k]: g for k, g in recorder.grads.items() if k in names}, student, recorder,
+                          {k: v for k, v in ema.items() if k.startswith("decoder")})  # fmt: skip
+    (losses_on, grads_on, student_on, opt_on, _), (losses_off, grads_off, _, opt_off, _) = results.values()
     conv = next(m for m in student_on.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)  # the options were really on
     assert opt_on.param_groups[0]["fused"] and not opt_off.param_groups[0]["fused"]
-    assert student_on.decoder.recompute_topk and not results["off"][2].decoder.recompute_topk
+    student_off = results["off"][2]
+    assert student_on.decoder.recompute_topk and not student_off.decoder.recompute_topk
+    layer_on, layer_off = student_on.decoder.decoder.layers[0], student_off.decoder.decoder.layers[0]
+    assert layer_on.split_attention and not layer_off.split_attention
+    assert layer_on.cross_attn.level_sums and not layer_off.cross_attn.level_sums
+    ema_on, ema_off = results["on"][4], results["off"][4]
+    # the EMA of the updated weights (lerp on, multiply-add off): as close as the weights the two steps leave
+    assert ema_on.keys() == ema_off.keys() and _relative(ema_on, ema_off) < 1e-6
     assert losses_on.keys() == losses_off.keys()
     for key in losses_on:
         torch.testing.assert_close(losses_on[key], losses_off[key], rtol=1e-4, atol=1e-6, msg=key)

@@ -474,3 +474,84 @@ def test_training_query_selection_equals_the_all_token_computation(method):
     for g, w in zip(got[2], want[2]):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
     assert got[2][0].abs().sum() > 0  # the memory does get a gradient, through the chosen rows
+
+
+@pytest.mark.parametrize("method", ["default", "discrete"])
+def test_level_sums_equal_the_official_concatenation(method):
+    """``level_sums`` adds each level's weighted samples as it goes; in float64 the values and every gradient
+    (value maps, sampling points, attention weights) equal the official concatenate-then-sum."""
+    from students.decoder_blocks import deformable_attention_core
+
+    torch.manual_seed(0)
+    shapes, points = [[8, 6], [4, 3], [2, 2]], [2, 3, 1]
+    value = [torch.randn(2, 2, 8, h * w, dtype=torch.float64, requires_grad=True) for h, w in shapes]
+    locations = torch.rand(2, 5, 2, 6, 2, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(2, 5, 2, 6, dtype=torch.float64).softmax(-1).requires_grad_()
+    inputs = [*value, locations, weights]
+    results = []
+    for level_sums in (True, False):
+        out = deformable_attention_core(value, shapes, locations, weights, points, method, level_sums=level_sums)
+        probe = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
+        results.append((out, torch.autograd.grad((out * probe).sum(), inputs, allow_unused=True)))
+    (got, got_grads), (want, want_grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for g, w in zip(got_grads, want_grads):
+        if w is None:  # 'discrete' rounds the points: no gradient for them, in both
+            assert g is None
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    assert got_grads[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("max_gt,num_dn", [(3, 12), (1, 8), (5, 30)])
+def test_split_self_attention_equals_the_masked_attention(max_gt, num_dn):
+    """``decoder_self_attention`` with the denoising mask: the matching block unmasked plus the masked denoising
+    rows give, in float64, the values and gradients (inputs and every projection) of MultiheadAttention over the
+    whole masked product."""
+    from students.decoder_blocks import decoder_self_attention
+    from students.denoising import build_denoising_attn_mask
+
+    torch.manual_seed(0)
+    attn = torch.nn.MultiheadAttention(32, 4, batch_first=True).double()
+    perturb_(attn)
+    group = 2 * max_gt
+    dn = (num_dn // max_gt) * group
+    queries = 7
+    mask = build_denoising_attn_mask(dn, queries, group)
+    query = torch.randn(2, dn + queries, 32, dtype=torch.float64, requires_grad=True)
+    value = torch.randn(2, dn + queries, 32, dtype=torch.float64, requires_grad=True)
+    inputs = [query, value, *attn.parameters()]
+    probe = torch.randn(2, dn + queries, 32, dtype=torch.float64)
+    got = decoder_self_attention(attn, query, value, mask, dn)
+    want = attn(query, query, value, attn_mask=mask, need_weights=False)[0]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    got_grads = torch.autograd.grad((got * probe).sum(), inputs)
+    for g, w in zip(got_grads, torch.autograd.grad((want * probe).sum(), inputs)):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    # without denoising queries it is the module itself
+    plain = decoder_self_attention(attn, query, value, None, 0)
+    assert torch.equal(plain, attn(query, query, value, need_weights=False)[0])
+
+
+def test_decoder_splits_its_self_attention_only_when_asked():
+    """Through the whole training forward: the split path really runs (the MultiheadAttention modules are not
+    called) and gives the official outputs; off, every layer calls its module with the mask."""
+    torch.manual_seed(0)
+    model = DFINETransformer(**TINY).double().train()
+    perturb_(model)
+    feats = [f.double() for f in tiny_feats()]
+    calls = []
+    for layer in model.decoder.layers:
+        layer.self_attn.register_forward_hook(lambda *_: calls.append(1))
+    outs = {}
+    for split in (True, False):
+        for layer in model.decoder.layers:
+            layer.split_attention = split
+        calls.clear()
+        torch.manual_seed(1)  # the denoising queries draw from the global RNG
+        outs[split] = model(feats, tiny_targets())
+        assert len(calls) == (0 if split else len(model.decoder.layers))
+    for key in ("pred_logits", "pred_boxes", "pred_corners"):
+        torch.testing.assert_close(outs[True][key], outs[False][key], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(outs[True]["dn_outputs"][0]["pred_boxes"], outs[False]["dn_outputs"][0]["pred_boxes"],
+                               rtol=1e-10, atol=1e-12)

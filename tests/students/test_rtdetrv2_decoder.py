@@ -214,3 +214,50 @@ def test_bad_config_raises():
         tiny(num_points=[4, 4])
     with pytest.raises(ValueError, match="eval_idx"):
         tiny(eval_idx=3)
+
+
+def test_level_sums_and_split_attention_give_the_official_outputs():
+    """The two decoder speed options in the RT-DETRv2 decoder: in float64 the training outputs and gradients with
+    them equal the official computation (concatenated samples, one masked self-attention); with them on the
+    MultiheadAttention modules are not called (the split path ran), off every layer calls its own."""
+    torch.manual_seed(0)
+    model = _freeze_bn(tiny()).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # off the zero inits, so every weight matters
+    inputs = [f.double() for f in feats()]
+    calls = []
+    for layer in model.decoder.layers:
+        layer.self_attn.register_forward_hook(lambda *_: calls.append(1))
+    results = {}
+    for on in (True, False):
+        for layer in model.decoder.layers:
+            layer.split_attention = on
+            layer.cross_attn.level_sums = on
+        calls.clear()
+        torch.manual_seed(1)  # the denoising queries draw from the global RNG
+        out = model(inputs, TARGETS)
+        assert len(calls) == (0 if on else len(model.decoder.layers))
+        loss = out["pred_boxes"].sum() + out["pred_logits"].square().sum() + out["dn_outputs"][0]["pred_boxes"].sum()
+        results[on] = out, torch.autograd.grad(loss, list(model.decoder.parameters()), allow_unused=True)
+    (out_on, grads_on), (out_off, grads_off) = results[True], results[False]
+    for key in ("pred_logits", "pred_boxes"):
+        torch.testing.assert_close(out_on[key], out_off[key], rtol=1e-10, atol=1e-12)
+    for g, w in zip(grads_on, grads_off):
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["default", "discrete"])
+def test_sampling_level_sums_equal_the_concatenation(method):
+    torch.manual_seed(0)
+    shapes, points = [(4, 6), (2, 3)], [2, 3]
+    value = torch.randn(2, 30, 2, 4, dtype=torch.float64, requires_grad=True)
+    locations = torch.rand(2, 5, 2, 5, 2, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(2, 5, 2, 5, dtype=torch.float64).softmax(-1).requires_grad_()
+    outs = [deformable_sampling(value, shapes, locations, weights, points, method, level_sums=flag)
+            for flag in (True, False)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+    grads = [torch.autograd.grad(o.square().sum(), [value, weights]) for o in outs]
+    for g, w in zip(*grads):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
