@@ -16,10 +16,9 @@ import math
 from collections import OrderedDict
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .decoder_blocks import decoder_self_attention, grid_sample_by_gather
+from .decoder_blocks import decoder_self_attention, deformable_attention_core
 from .denoising import get_contrastive_denoising_training_group, keep_denoising_in_graph
 from .layers import MLP, bias_init_with_prob, get_activation, inverse_sigmoid
 
@@ -38,7 +37,8 @@ def _check_choice(name: str, value, choices) -> None:
 def deformable_sampling(value: torch.Tensor, spatial_shapes: list[tuple[int, int]], locations: torch.Tensor,
                         weights: torch.Tensor, num_points_list: list[int], method: str = "default",
                         level_sums: bool = False) -> torch.Tensor:
-    """Weighted sum of feature values sampled at fractional locations, level by level.
+    """Weighted sum of feature values sampled at fractional locations, level by level: the RT-DETRv2 value layout
+    handed to :func:`students.decoder_blocks.deformable_attention_core`, which samples for every decoder.
 
     Args:
         value: B x Lv x M x D (M heads of D channels), the levels' tokens concatenated in ``spatial_shapes`` order.
@@ -54,39 +54,11 @@ def deformable_sampling(value: torch.Tensor, spatial_shapes: list[tuple[int, int
     Returns:
         B x Lq x (M * D).
     """
-    batch, _, heads, dim = value.shape
-    num_q = locations.shape[1]
-    # heads fold into the batch so that one grid_sample call per level serves all of them
-    per_level = value.permute(0, 2, 3, 1).flatten(0, 1).split([h * w for h, w in spatial_shapes], dim=-1)
-    locs = locations.permute(0, 2, 1, 3, 4).flatten(0, 1).split(num_points_list, dim=-2)  # (B*M) x Lq x P_l x 2
-
-    # (B*M) x 1 x Lq x P_l per level, to weigh the samples of that level
-    level_weights = weights.permute(0, 2, 1, 3).reshape(batch * heads, 1, num_q, -1).split(num_points_list, dim=-1)
-    sampled, out = [], None
-    for (h, w), val, loc, weight in zip(spatial_shapes, per_level, locs, level_weights):
-        val = val.reshape(batch * heads, dim, h, w)
-        if method == "default":
-            # grid_sample wants [-1, 1] coordinates; align_corners=False makes -1 / 1 the outer pixel edges
-            grid = (2 * loc - 1).to(val.dtype)
-            sample = F.grid_sample(val, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        elif method == "gather":  # 'default' without GridSample, which the export switches to
-            sample = grid_sample_by_gather(val, (2 * loc - 1).to(val.dtype))
-        else:
-            pts = loc.shape[2]
-            col = (loc[..., 0] * w + 0.5).long().clamp(0, w - 1)
-            row = (loc[..., 1] * h + 0.5).long().clamp(0, h - 1)
-            flat = (row * w + col).reshape(batch * heads, 1, num_q * pts).expand(-1, dim, -1)
-            picked = val.flatten(2).gather(2, flat)
-            sample = picked.reshape(batch * heads, dim, num_q, pts)
-        if level_sums:
-            level = (sample * weight).sum(-1)  # (B*M) x D x Lq
-            out = level if out is None else out + level
-        else:
-            sampled.append(sample)
-    if not level_sums:
-        # (B*M) x D x Lq x P weighted by (B*M) x 1 x Lq x P, summed over points
-        out = (torch.cat(sampled, dim=-1) * torch.cat(level_weights, dim=-1)).sum(-1)
-    return out.reshape(batch, heads * dim, num_q).transpose(1, 2)
+    per_level = value.permute(0, 2, 3, 1).split([h * w for h, w in spatial_shapes], dim=-1)  # B x M x D x HW_l
+    if method != "discrete":  # the sampling grid in the value's precision (fp32 points, bf16 values under autocast)
+        locations = locations.to(value.dtype)
+    return deformable_attention_core(list(per_level), [list(s) for s in spatial_shapes], locations, weights,
+                                     num_points_list, method, level_sums=level_sums)
 
 
 class MSDeformableAttention(nn.Module):

@@ -248,7 +248,7 @@ def test_level_sums_and_split_attention_give_the_official_outputs():
             torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("method", ["default", "discrete"])
+@pytest.mark.parametrize("method", ["default", "discrete", "gather"])
 def test_sampling_level_sums_equal_the_concatenation(method):
     torch.manual_seed(0)
     shapes, points = [(4, 6), (2, 3)], [2, 3]
@@ -261,3 +261,6 @@ def test_sampling_level_sums_equal_the_concatenation(method):
     grads = [torch.autograd.grad(o.square().sum(), [value, weights]) for o in outs]
     for g, w in zip(*grads):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    if method == "gather":  # the sampling without GridSample is GridSample's
+        default = deformable_sampling(value, shapes, locations, weights, points, "default")
+        torch.testing.assert_close(outs[0], default, rtol=1e-12, atol=1e-12)
