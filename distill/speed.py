@@ -1,6 +1,8 @@
 """Speed options of the training step: channels-last memory format, ``torch.compile`` of the backbone and encoder,
-fused AdamW. None changes the arithmetic beyond float rounding (tests/distill/test_speed_options.py compares a
-step with the options on and off).
+fused AdamW and EMA updates, and three reorderings of the decoder's work (top-k recompute, level sums, split
+attention). None changes the arithmetic beyond float rounding (tests/distill/test_speed_options.py compares a
+step with the options on and off; the decoder ones are equal in float64 in tests/students). :meth:`SpeedOptions.off`
+is the official computation, in the official order.
 
 ``channels_last`` (default on): the student's 4-d weights and the batch in NHWC. oneDNN convolutions then run on
 the tensors as they are; in NCHW they reorder input, weights and output into a blocked layout and back on every

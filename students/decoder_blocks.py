@@ -496,6 +496,54 @@ def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
 
 
+def split_value(memory: torch.Tensor, spatial_shapes: list[list[int]], heads: int) -> list[torch.Tensor]:
+    """``B x L x C`` memory -> the deformable attention's value, per level ``B x heads x C/heads x (H_l * W_l)``
+    (contiguous: every decoder layer samples it, and a strided one would be copied by each)."""
+    b, length, c = memory.shape
+    value = memory.reshape(b, length, heads, c // heads).permute(0, 2, 3, 1)
+    return [v.contiguous() for v in value.split([h * w for h, w in spatial_shapes], dim=-1)]
+
+
+class _ValueAndRows(torch.autograd.Function):
+    """:func:`split_value` and :func:`take_rows` of one memory, with one backward for both (see
+    :func:`value_and_rows`)."""
+
+    @staticmethod
+    def forward(ctx, memory, index, spatial_shapes, heads):
+        ctx.save_for_backward(index)
+        ctx.shape, ctx.sizes, ctx.heads = memory.shape, [h * w for h, w in spatial_shapes], heads
+        return (*split_value(memory, spatial_shapes, heads), take_rows(memory, index))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        (index,) = ctx.saved_tensors
+        *value_grads, rows_grad = grads
+        b, length, c = ctx.shape
+        known = next(g for g in grads if g is not None)
+        grad = known.new_empty(b, length, c) if all(g is not None for g in value_grads) else known.new_zeros(
+            b, length, c)
+        start = 0
+        for size, g in zip(ctx.sizes, value_grads):
+            if g is not None:  # one strided pass: B x heads x C/heads x HW -> the B x HW x C rows of its level
+                grad[:, start:start + size].view(b, size, ctx.heads, c // ctx.heads).copy_(g.permute(0, 3, 1, 2))
+            start += size
+        if rows_grad is not None:
+            grad.scatter_add_(1, index[..., None].expand(-1, -1, c), rows_grad)
+        return grad, None, None, None
+
+
+def value_and_rows(memory: torch.Tensor, index: torch.Tensor, spatial_shapes: list[list[int]],
+                   heads: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``(split_value(memory, spatial_shapes, heads), take_rows(memory, index))`` with the same values and
+    gradients, the gradient of ``memory`` assembled at once: autograd would concatenate the levels' gradients,
+    transpose them into a copy, build a zero ``B x L x C`` tensor for the rows and add the two (five passes over
+    the memory where this makes one, and writes the rows into it). ``index``: ``B x k``, no row twice."""
+    if not (torch.is_grad_enabled() and memory.requires_grad):
+        return split_value(memory, spatial_shapes, heads), take_rows(memory, index)
+    *value, rows = _ValueAndRows.apply(memory, index, spatial_shapes, heads)
+    return value, rows
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # FDR decoder stack
 # ----------------------------------------------------------------------------------------------------------------
@@ -548,13 +596,6 @@ class FDRDecoder(nn.Module):
         # W(n) frozen at deploy; None while training so that it follows ``up`` / ``reg_scale``
         self.register_buffer("project", None, persistent=False)
 
-    def _split_value(self, memory: torch.Tensor, spatial_shapes: list[list[int]]) -> list[torch.Tensor]:
-        """``B x L x C`` -> per level ``B x heads x head_dim x (H_l * W_l)``."""
-        b, length, c = memory.shape
-        value = memory.reshape(b, length, self.num_head, c // self.num_head).permute(0, 2, 3, 1)
-        # one copy per level here, where every layer samples the same value: left strided, each layer's
-        # ``reshape(B * heads, head_dim, H, W)`` would copy it again
-        return [v.contiguous() for v in value.split([h * w for h, w in spatial_shapes], dim=-1)]
 
     def convert_to_deploy(self) -> None:
         """Freeze W(n), drop the layers after ``eval_idx`` and the LQE heads before it (idempotent)."""
@@ -578,15 +619,17 @@ class FDRDecoder(nn.Module):
         reg_scale: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
         num_denoising: int = 0,
+        value: list[torch.Tensor] | None = None,
     ):
         """target: ``B x Q x C`` content; ref_points_unact: ``B x Q x 4`` logit boxes; memory: ``B x L x C``;
-        ``attn_mask`` the denoising mask over ``[num_denoising denoising queries | matching queries]``.
+        ``attn_mask`` the denoising mask over ``[num_denoising denoising queries | matching queries]``; ``value``
+        the memory's :func:`split_value` when the caller has it already.
 
         Returns stacked per-layer (training: all layers; eval: only ``eval_idx``) boxes ``N x B x Q x 4``, logits
         ``N x B x Q x K``, corners ``N x B x Q x 4*(reg_max+1)``, reference boxes ``N x B x Q x 4``, and the layer-0
         pre-head boxes ``B x Q x 4`` and logits ``B x Q x K``.
         """
-        value = self._split_value(memory, spatial_shapes)
+        value = split_value(memory, spatial_shapes, self.num_head) if value is None else value
         project = self.project if self.project is not None else weighting_function(self.reg_max, up, reg_scale)
 
         ref_detach = ref_points_unact.sigmoid()
@@ -601,7 +644,7 @@ class FDRDecoder(nn.Module):
                 # wide auxiliary layer: stretch the channel axis of every input by nearest interpolation
                 pos = F.interpolate(pos, scale_factor=self.layer_scale)
                 wide = pos.shape[-1]
-                value = self._split_value(F.interpolate(memory, size=wide), spatial_shapes)
+                value = split_value(F.interpolate(memory, size=wide), spatial_shapes, self.num_head)
                 output = F.interpolate(output, size=wide)
                 output_detach = output.detach()
 
@@ -748,9 +791,11 @@ class FDRTransformerBase(nn.Module):
     def _get_decoder_input(self, memory, spatial_shapes, dn_content=None, dn_ref_unact=None):
         """Select the top-k encoder tokens as queries; prepend the denoising queries if any.
 
-        Returns content ``B x (Ndn + Q) x C``, logit reference boxes ``B x (Ndn + Q) x 4`` (detached), and the
-        encoder top-k boxes / logits as lists (one entry in training, empty in eval).
+        Returns content ``B x (Ndn + Q) x C``, logit reference boxes ``B x (Ndn + Q) x 4`` (detached), the
+        encoder top-k boxes / logits as lists (one entry in training, empty in eval), and the decoder's value
+        (:func:`split_value`) where it was made here with the chosen rows (:func:`value_and_rows`), else None.
         """
+        value = None
         anchors, valid_mask = self._anchors_for(spatial_shapes, memory.device)
         valid_mask = valid_mask.to(memory.dtype)
         if self.training and self.recompute_topk and torch.is_grad_enabled():
@@ -761,7 +806,8 @@ class FDRTransformerBase(nn.Module):
             with torch.no_grad():
                 index = topk_index(self.enc_score_head(self._encoder_memory(valid_mask * memory)), self.num_queries,
                                    self.query_select_method)
-            topk_memory = self._encoder_memory(take_rows(valid_mask, index) * take_rows(memory, index))
+            value, rows = value_and_rows(memory, index, spatial_shapes, self.decoder.num_head)
+            topk_memory = self._encoder_memory(take_rows(valid_mask, index) * rows)
             topk_logits = self.enc_score_head(topk_memory)
             topk_anchors = take_rows(anchors, index)
         else:
@@ -785,7 +831,7 @@ class FDRTransformerBase(nn.Module):
         if dn_ref_unact is not None:
             ref_unact = torch.cat([dn_ref_unact, ref_unact], dim=1)
             content = torch.cat([dn_content, content], dim=1)
-        return content, ref_unact, enc_boxes, enc_scores
+        return content, ref_unact, enc_boxes, enc_scores, value
 
     def forward(self, feats: list[torch.Tensor], targets: list[dict] | None = None) -> dict:
         """feats: encoder maps ``B x C_l x H_l x W_l``; targets (training, for denoising): per image
@@ -807,13 +853,13 @@ class FDRTransformerBase(nn.Module):
                 num_denoising=self.num_denoising, label_noise_ratio=self.label_noise_ratio, box_noise_scale=1.0,
             )
 
-        content, ref_unact, enc_boxes, enc_logits = self._get_decoder_input(
+        content, ref_unact, enc_boxes, enc_logits, value = self._get_decoder_input(
             memory, spatial_shapes, dn_content, dn_ref_unact
         )
         boxes, logits, corners, refs, pre_boxes, pre_logits = self.decoder(
             content, ref_unact, memory, spatial_shapes, self.dec_bbox_head, self.dec_score_head,
             self.query_pos_head, self.pre_bbox_head, self.integral, self.up, self.reg_scale, attn_mask=attn_mask,
-            num_denoising=dn_meta["dn_num_split"][0] if dn_meta is not None else 0,
+            num_denoising=dn_meta["dn_num_split"][0] if dn_meta is not None else 0, value=value,
         )
 
         if not self.training:

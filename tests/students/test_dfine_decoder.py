@@ -457,7 +457,7 @@ def test_training_query_selection_equals_the_all_token_computation(method):
         return torch.autograd.grad((logits * weights[0]).sum() + (boxes * weights[1]).sum(), params)
 
     assert dec.recompute_topk  # on by default
-    _, _, boxes, logits = dec._get_decoder_input(memory, shapes)
+    _, _, boxes, logits, _ = dec._get_decoder_input(memory, shapes)
     got = (logits[0], boxes[0], grads(logits[0], boxes[0]))
 
     anchors, valid = dec._anchors_for(shapes, memory.device)
@@ -466,7 +466,7 @@ def test_training_query_selection_equals_the_all_token_computation(method):
     want_boxes = (dec.enc_bbox_head(top_mem) + top_anchors).sigmoid()
     want = (top_logits, want_boxes, grads(top_logits, want_boxes))
     dec.recompute_topk = False  # the official all-token path, through the decoder itself
-    _, _, off_boxes, off_logits = dec._get_decoder_input(memory, shapes)
+    _, _, off_boxes, off_logits, _ = dec._get_decoder_input(memory, shapes)
     torch.testing.assert_close(off_logits[0], want[0], rtol=0, atol=0)
     torch.testing.assert_close(off_boxes[0], want[1], rtol=0, atol=0)
     torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-12)
@@ -555,3 +555,32 @@ def test_decoder_splits_its_self_attention_only_when_asked():
         torch.testing.assert_close(outs[True][key], outs[False][key], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(outs[True]["dn_outputs"][0]["pred_boxes"], outs[False]["dn_outputs"][0]["pred_boxes"],
                                rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("used", ["all", "rows", "value"])
+def test_value_and_rows_gives_autograds_gradient_in_one_pass(used):
+    """The decoder's value maps and the chosen rows of one memory, with one backward: in float64 the values and
+    the memory's gradient equal those of split_value + take_rows through autograd, whichever outputs reach the
+    loss (the others' gradients are None)."""
+    from students.decoder_blocks import split_value, take_rows, value_and_rows
+
+    torch.manual_seed(0)
+    shapes, heads = [[4, 6], [2, 3], [1, 2]], 4
+    memory = torch.randn(2, 32, 16, dtype=torch.float64, requires_grad=True)
+    index = torch.stack([torch.randperm(32)[:5] for _ in range(2)])
+    outs = {}
+    for fused in (True, False):
+        if fused:
+            value, rows = value_and_rows(memory, index, shapes, heads)
+        else:
+            value, rows = split_value(memory, shapes, heads), take_rows(memory, index)
+        assert [tuple(v.shape) for v in value] == [(2, 4, 4, h * w) for h, w in shapes] and rows.shape == (2, 5, 16)
+        probes = [torch.linspace(-1, 1, t.numel(), dtype=t.dtype).view_as(t) for t in (*value, rows)]
+        terms = [(t * p).sum() for t, p in zip((*value, rows), probes)]
+        loss = {"all": sum(terms), "rows": terms[-1], "value": sum(terms[:-1])}[used]
+        outs[fused] = [t.detach() for t in (*value, rows)], torch.autograd.grad(loss, memory)[0]
+    (got, got_grad), (want, want_grad) = outs[True], outs[False]
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=1e-15)
+    assert got_grad.abs().sum() > 0
