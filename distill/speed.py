@@ -24,7 +24,9 @@ elementwise ops; on CUDA the ``foreach`` kernels are torch's own default already
 token without autograd and computes the chosen top-k rows again with it. Only those rows reach a loss, so values
 and gradients are the official all-token computation's, while the backward skips the projection and score head
 of the other ~96% of the tokens (measured on a DEIM-D-FINE-S CPU step at 640, batch 2, interleaved A/B: 1-3% of
-the step, 3% of its peak memory).
+the step, 3% of its peak memory). The valid-anchor mask is applied to the chosen rows only, and those rows and the
+decoder's per-level value maps come out of one autograd node (``students.decoder_blocks.value_and_rows``) whose
+backward writes the memory's gradient in one pass.
 
 ``level_sums`` (default on): the deformable cross-attention of every decoder weighs and sums each level's samples
 as it goes and adds the levels (``students.decoder_blocks.deformable_attention_core``,
