@@ -77,6 +77,30 @@ def _write_yaml(path, data: dict) -> str:
     return str(path)
 
 
+def _decoder_forward(model, inputs, targets, **flags):
+    """One training forward of a detection transformer with the attributes ``flags`` set on each decoder layer and
+    its cross-attention, where they have them; returns the outputs and how many times the layers'
+    MultiheadAttention modules were called (0 when the split self-attention ran)."""
+    layers = model.decoder.layers
+    calls = []
+    handles = [layer.self_attn.register_forward_hook(lambda *_: calls.append(1)) for layer in layers]
+    for module in [m for layer in layers for m in (layer, layer.cross_attn)]:
+        for name, value in flags.items():
+            if hasattr(module, name):
+                setattr(module, name, value)
+    torch.manual_seed(1)  # the denoising queries draw from the global RNG
+    try:
+        return model(inputs, targets), len(calls)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.fixture(scope="session")
+def decoder_forward():
+    return _decoder_forward
+
+
 @pytest.fixture(scope="session")
 def tiny_train_config():
     return _tiny_train_config

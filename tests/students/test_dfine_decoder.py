@@ -533,28 +533,20 @@ def test_split_self_attention_equals_the_masked_attention(max_gt, num_dn):
     assert torch.equal(plain, attn(query, query, value, need_weights=False)[0])
 
 
-def test_decoder_splits_its_self_attention_only_when_asked():
+def test_decoder_splits_its_self_attention_only_when_asked(decoder_forward):
     """Through the whole training forward: the split path really runs (the MultiheadAttention modules are not
     called) and gives the official outputs; off, every layer calls its module with the mask."""
     torch.manual_seed(0)
     model = DFINETransformer(**TINY).double().train()
     perturb_(model)
     feats = [f.double() for f in tiny_feats()]
-    calls = []
-    for layer in model.decoder.layers:
-        layer.self_attn.register_forward_hook(lambda *_: calls.append(1))
-    outs = {}
-    for split in (True, False):
-        for layer in model.decoder.layers:
-            layer.split_attention = split
-        calls.clear()
-        torch.manual_seed(1)  # the denoising queries draw from the global RNG
-        outs[split] = model(feats, tiny_targets())
-        assert len(calls) == (0 if split else len(model.decoder.layers))
+    on, calls_on = decoder_forward(model, feats, tiny_targets(), split_attention=True)
+    off, calls_off = decoder_forward(model, feats, tiny_targets(), split_attention=False)
+    assert calls_on == 0 and calls_off == len(model.decoder.layers)
     for key in ("pred_logits", "pred_boxes", "pred_corners"):
-        torch.testing.assert_close(outs[True][key], outs[False][key], rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(outs[True]["dn_outputs"][0]["pred_boxes"], outs[False]["dn_outputs"][0]["pred_boxes"],
-                               rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(on[key], off[key], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(on["dn_outputs"][0]["pred_boxes"], off["dn_outputs"][0]["pred_boxes"], rtol=1e-10,
+                               atol=1e-12)
 
 
 @pytest.mark.parametrize("used", ["all", "rows", "value"])

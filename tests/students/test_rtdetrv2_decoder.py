@@ -216,7 +216,7 @@ def test_bad_config_raises():
         tiny(eval_idx=3)
 
 
-def test_level_sums_and_split_attention_give_the_official_outputs():
+def test_level_sums_and_split_attention_give_the_official_outputs(decoder_forward):
     """The two decoder speed options in the RT-DETRv2 decoder: in float64 the training outputs and gradients with
     them equal the official computation (concatenated samples, one masked self-attention); with them on the
     MultiheadAttention modules are not called (the split path ran), off every layer calls its own."""
@@ -226,18 +226,10 @@ def test_level_sums_and_split_attention_give_the_official_outputs():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)  # off the zero inits, so every weight matters
     inputs = [f.double() for f in feats()]
-    calls = []
-    for layer in model.decoder.layers:
-        layer.self_attn.register_forward_hook(lambda *_: calls.append(1))
     results = {}
     for on in (True, False):
-        for layer in model.decoder.layers:
-            layer.split_attention = on
-            layer.cross_attn.level_sums = on
-        calls.clear()
-        torch.manual_seed(1)  # the denoising queries draw from the global RNG
-        out = model(inputs, TARGETS)
-        assert len(calls) == (0 if on else len(model.decoder.layers))
+        out, calls = decoder_forward(model, inputs, TARGETS, split_attention=on, level_sums=on)
+        assert calls == (0 if on else len(model.decoder.layers))
         loss = out["pred_boxes"].sum() + out["pred_logits"].square().sum() + out["dn_outputs"][0]["pred_boxes"].sum()
         results[on] = out, torch.autograd.grad(loss, list(model.decoder.parameters()), allow_unused=True)
     (out_on, grads_on), (out_off, grads_off) = results[True], results[False]
