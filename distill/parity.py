@@ -487,6 +487,8 @@ class _Pair:
     official_criterion: nn.Module
     our_criterion: nn.Module
     official_input: Callable[[torch.Tensor], torch.Tensor]
+    our_input: Callable[[torch.Tensor], torch.Tensor] = lambda x: x  # noqa: E731
+    fused_optimizer: bool = False  # the timed steps' AdamW on our side: the fused kernel (distill.speed)
 
     def forward(self, which: str, images: torch.Tensor, targets: list[dict] | None, denoising: bool = True) -> dict:
         """One forward; ``denoising=False`` zeroes ``decoder.num_denoising`` for the call (the official D-FINE
@@ -495,7 +497,7 @@ class _Pair:
         with _denoising(model, denoising):
             if which == "official":
                 return model(self.official_input(images), targets)
-            return model(images, targets)
+            return model(self.our_input(images), targets)
 
     def losses(self, which: str, outputs: dict, targets: list[dict], epoch: int) -> dict[str, torch.Tensor]:
         if which == "official":
@@ -601,8 +603,9 @@ def _time_steps(pair: _Pair, images: torch.Tensor, targets: list[dict], repeats:
     repeat), medians and spreads of wall and CPU time."""
     from distill.bench.timing import interleaved, spread
 
-    optimizers = {w: torch.optim.AdamW((pair.official if w == "official" else pair.ours).parameters(), lr=1e-5)
-                  for w in ("official", "ours")}
+    fused = {"fused": True} if pair.fused_optimizer and device.type in ("cpu", "cuda") else {}
+    optimizers = {w: torch.optim.AdamW((pair.official if w == "official" else pair.ours).parameters(), lr=1e-5,
+                                       **(fused if w == "ours" else {})) for w in ("official", "ours")}  # fmt: skip
     done = {"official": 0, "ours": 0}
 
     def step(which: str) -> Callable[[], None]:
@@ -644,12 +647,16 @@ def run_parity(
     device: str | torch.device = "cpu",
     tolerance: float = DEFAULT_TOLERANCE,
     time_steps: bool = True,
+    speed_options: bool = False,
 ) -> ParityReport:
     """Build ``student`` from the checkout's YAML, load its weights into ours, compare; see the module docstring.
 
     input_size: (H, W), default the scale's own; noise: std of the perturbation added to the official random
     init (:func:`perturb_`); repeats / warmup: timed / untimed interleaved training steps (``time_steps=False``
-    skips timing).
+    skips timing); speed_options: our side as the engine trains it, with the default
+    :class:`distill.speed.SpeedOptions` (channels-last weights and batch, fused AdamW, the decoder's reorderings),
+    compared and timed against the official code as it is; off, our side is the plain student in NCHW with the
+    official AdamW kernel (the decoder reorderings are the modules' defaults either way).
     """
     from students import build_student, get_spec
     from students.criterion import build_criterion
@@ -679,6 +686,13 @@ def run_parity(
         our_criterion.to(device)
         normalise = official_normalisation(cfg.yaml_cfg)
         pair = _Pair(official, ours, official_criterion, our_criterion, normalise or (lambda x: x))
+        if speed_options:
+            from .speed import SpeedOptions, batch_to, prepare_student
+
+            options = SpeedOptions()
+            prepare_student(ours, options)
+            pair.our_input = lambda x: batch_to(x, options)
+            pair.fused_optimizer = options.fused_optimizer
         images, targets = synthetic_batch(batch, size, num_classes, seed, device)
         set_aside = sorted(k for k in official.state_dict() if k not in ours.state_dict())
 
@@ -692,6 +706,8 @@ def run_parity(
                    "our_input": "images in [0, 1]" + (", normalised inside the model" if spec.normalize_input
                                                       else ""),
                    "seed": seed, "num_classes": num_classes, "device": str(device),
+                   "our_speed_options": "the defaults (channels-last, fused AdamW)" if speed_options else
+                                        "none (NCHW, the official AdamW kernel)",
                    "threads": torch.get_num_threads(),
                    "weights": f"official init + N(0, {noise:g}^2) on every parameter, BN statistics randomised; "
                               f"saved as {{'model': state_dict}} and loaded by students.build_student("

@@ -38,6 +38,9 @@ def parity_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads of torch (default: torch's own choice). On a shared machine 1 gives "
                              "steadier step times: idle-spinning threads of a busy core distort multi-thread runs")
+    parser.add_argument("--speed-options", action="store_true",
+                        help="our side as the engine trains it: the default speed options (channels-last weights "
+                             "and batch, fused AdamW); the official side as its code runs")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--golden", metavar="DIR",
                         help="instead of comparing: write this checkout's golden decoder and criterion outputs and "
@@ -112,6 +115,7 @@ def parity(args: argparse.Namespace) -> int:
     report = run_parity(checkout, args.student, config=args.config, num_classes=args.num_classes,
                         batch=args.batch, input_size=size,
                         seed=args.seed, noise=args.noise, repeats=args.repeats, warmup=args.warmup,
-                        device=args.device, tolerance=args.tolerance or DEFAULT_TOLERANCE)
+                        device=args.device, tolerance=args.tolerance or DEFAULT_TOLERANCE,
+                        speed_options=args.speed_options)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report_text(report))
     return 0 if report.ok else 1

@@ -172,14 +172,17 @@ def _needs(kind: str):
                               reason=f"set {ENV_VARS[kind]} to a checkout of the official {kind} repository")
 
 
-@pytest.mark.parametrize("kind, student", [
-    pytest.param("DEIM", "deim_dfine_s", marks=_needs("DEIM")),
-    pytest.param("DEIM", "deim_rtdetrv2_r18", marks=_needs("DEIM")),
-    pytest.param("DEIMv2", "deimv2_atto", marks=_needs("DEIMv2")),
-    pytest.param("RT-DETRv4", "deim_dfine_s", marks=_needs("RT-DETRv4")),
+@pytest.mark.parametrize("kind, student, speed", [
+    pytest.param("DEIM", "deim_dfine_s", False, marks=_needs("DEIM")),
+    pytest.param("DEIM", "deim_dfine_s", True, marks=_needs("DEIM")),  # channels-last, fused AdamW on our side
+    pytest.param("DEIM", "deim_rtdetrv2_r18", False, marks=_needs("DEIM")),
+    pytest.param("DEIMv2", "deimv2_atto", True, marks=_needs("DEIMv2")),
+    pytest.param("RT-DETRv4", "deim_dfine_s", False, marks=_needs("RT-DETRv4")),
 ])
-def test_parity_against_the_official_code(kind, student):
-    report = parity.run_parity(_checkout(kind), student, batch=1, input_size=(320, 320), repeats=1, warmup=0)
+def test_parity_against_the_official_code(kind, student, speed):
+    report = parity.run_parity(_checkout(kind), student, batch=1, input_size=(320, 320), repeats=1, warmup=0,
+                               speed_options=speed)
+    assert report.setup["our_speed_options"].startswith("the defaults" if speed else "none")
     failing = [r for r in report.rows if r.ok is False]
     assert not failing, failing
     checks = [r.check for r in report.rows]

@@ -102,6 +102,34 @@ def test_channels_last_computes_the_same_function(name, size):
     assert grads_cl.keys() == grads.keys() and _relative(grads_cl, grads) < 1e-10
 
 
+@pytest.mark.parametrize("name,size", [("deimv2_atto", 160), ("deim_dfine_n", 256), ("deim_rtdetrv2_r18", 256)])
+def test_the_decoder_options_compute_the_same_function(name, size):
+    """In float64, where rounding cannot hide a difference: the whole student and criterion with the decoder
+    options (top-k recompute with its value-and-rows node, level sums, split attention) give the loss and every
+    gradient of the official order to ~1e-15 (a wrong row, level or mask would be off by far more)."""
+    torch.manual_seed(0)
+    base = build_student(name, num_classes=3, input_size=(size, size)).train().double()
+    with torch.no_grad():
+        for p in base.parameters():
+            if p.is_floating_point():
+                p.add_(torch.randn_like(p) * 0.02)  # off the zero inits, so every weight matters
+    images, targets = synthetic_batch(2, size, 3, boxes=4, seed=1)
+    criterion = build_criterion(name, num_classes=3)
+    results = []
+    for options in (SpeedOptions(channels_last=False), SpeedOptions.off()):
+        student = copy.deepcopy(base)
+        prepare_student(student, options)
+        torch.manual_seed(5)  # the denoising queries draw from the global RNG
+        total = sum(criterion(student(images.double(), targets), targets, 0).values())
+        params = [p for p in student.parameters() if p.requires_grad]
+        results.append((total, torch.autograd.grad(total, params, allow_unused=True)))
+    (total_on, grads_on), (total_off, grads_off) = results
+    torch.testing.assert_close(total_on, total_off, rtol=1e-12, atol=0)
+    named = {str(i): g for i, g in enumerate(grads_off) if g is not None}
+    assert len(named) > 100 and all(grads_on[int(k)] is not None for k in named)
+    assert _relative({k: grads_on[int(k)] for k in named}, named) < 1e-12
+
+
 @pytest.mark.parametrize("name,size", [("deimv2_atto", 160), ("deim_dfine_n", 256)])
 def test_a_step_with_the_speed_options_matches_the_eager_step(name, size):
     images, targets = synthetic_batch(2, size, 3, boxes=4, seed=1)
