@@ -57,6 +57,10 @@ LOSS_FLOOR = 1e-2  # loss terms are compared relative to at least this (see loss
 DIFFERENT_DETECTION = 1e-3  # L1 over class probabilities + box coordinates; the same detection is ~1e-5 apart
 MAX_DIFFERENT = 0.02  # share of the queries that may be different detections (see _compare_outputs)
 GRAD_TOLERANCE_FACTOR = 10  # gradients are held to 10x the tolerance (see _compare_grads)
+# ... and with our speed options to 500x: channels-last rounds the convolutions differently, and on a small batch
+# BatchNorm and max-pool ties amplify fp32 round-off to ~2e-2 of the backbone's gradient (measured; in float64 the
+# options agree with the official order to 1e-12, tests/distill/test_speed_options.py). A wrong gradient is off by ~1.
+SPEED_GRAD_TOLERANCE_FACTOR = 500
 
 
 # ---------------------------------------------------------------------------------------------------- checkout
@@ -489,6 +493,7 @@ class _Pair:
     official_input: Callable[[torch.Tensor], torch.Tensor]
     our_input: Callable[[torch.Tensor], torch.Tensor] = lambda x: x  # noqa: E731
     fused_optimizer: bool = False  # the timed steps' AdamW on our side: the fused kernel (distill.speed)
+    grad_tolerance_factor: float = GRAD_TOLERANCE_FACTOR
 
     def forward(self, which: str, images: torch.Tensor, targets: list[dict] | None, denoising: bool = True) -> dict:
         """One forward; ``denoising=False`` zeroes ``decoder.num_denoising`` for the call (the official D-FINE
@@ -545,7 +550,8 @@ def _compare_outputs(rows: list[Row], label: str, official: dict, ours: dict, to
                         diff <= tolerance and different <= allowed, note if key == "pred_logits" else ""))
 
 
-def _compare_grads(rows: list[Row], official: nn.Module, ours: nn.Module, tolerance: float) -> None:
+def _compare_grads(rows: list[Row], official: nn.Module, ours: nn.Module, tolerance: float,
+                   factor: float = GRAD_TOLERANCE_FACTOR) -> None:
     """Gradients of the summed loss by parameter name: the relative L2 over all of them, held to
     :data:`GRAD_TOLERANCE_FACTOR` times ``tolerance``, and the worst tensor among those that carry at least 1% of
     the largest tensor's gradient norm (tiny gradients, e.g. a bias whose upstream terms cancel, have a large
@@ -581,7 +587,7 @@ def _compare_grads(rows: list[Row], official: nn.Module, ours: nn.Module, tolera
     if one_sided:
         note += f"; gradient on one side only: {', '.join(one_sided[:5])}"
     rows.append(Row("gradients of the summed loss (L2)", official_norm, our_norm, diff,
-                    diff <= GRAD_TOLERANCE_FACTOR * tolerance and not one_sided, note))
+                    diff <= factor * tolerance and not one_sided, note))
 
 
 def _train_step(pair: _Pair, which: str, optimizer: torch.optim.Optimizer, images: torch.Tensor,
@@ -693,6 +699,7 @@ def run_parity(
             prepare_student(ours, options)
             pair.our_input = lambda x: batch_to(x, options)
             pair.fused_optimizer = options.fused_optimizer
+            pair.grad_tolerance_factor = SPEED_GRAD_TOLERANCE_FACTOR
         images, targets = synthetic_batch(batch, size, num_classes, seed, device)
         set_aside = sorted(k for k in official.state_dict() if k not in ours.state_dict())
 
@@ -771,7 +778,7 @@ def _run_comparisons(pair: _Pair, images: torch.Tensor, targets: list[dict], row
         sum(pair.losses(which, outputs[which], targets, epochs[0]).values()).backward()
     _compare_outputs(rows, "train (dn)", outputs["official"], outputs["ours"], tolerance)
     rows.extend(loss_rows(scenarios, tolerance))
-    _compare_grads(rows, official, ours, tolerance)
+    _compare_grads(rows, official, ours, tolerance, pair.grad_tolerance_factor)
     official.zero_grad(set_to_none=True)
     ours.zero_grad(set_to_none=True)
 

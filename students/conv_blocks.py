@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from students.layers import get_activation
+from students.layers import BatchNorm2d, get_activation
 
 __all__ = [
     "ConvNormLayer",
@@ -61,7 +61,7 @@ class ConvNormLayer(nn.Module):
         super().__init__()
         padding = (kernel_size - 1) // 2 if padding is None else padding
         self.conv = nn.Conv2d(ch_in, ch_out, kernel_size, stride, padding=padding, groups=g, bias=bias)
-        self.norm = nn.BatchNorm2d(ch_out)
+        self.norm = BatchNorm2d(ch_out)
         self.act = get_activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

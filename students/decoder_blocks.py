@@ -24,7 +24,7 @@ from torch.nn import init
 
 from .denoising import get_contrastive_denoising_training_group, keep_denoising_in_graph
 from .fdr import distance2bbox, weighting_function
-from .layers import MLP, bias_init_with_prob, cat_dense_grads, inverse_sigmoid
+from .layers import MLP, BatchNorm2d, bias_init_with_prob, cat_dense_grads, inverse_sigmoid
 
 __all__ = [
     "CROSS_ATTN_METHODS",
@@ -416,7 +416,7 @@ def build_input_proj(feat_channels: list[int], hidden_dim: int, num_levels: int)
     def conv_bn(cin: int, kernel: int, stride: int) -> nn.Sequential:
         conv = nn.Conv2d(cin, hidden_dim, kernel, stride, padding=(kernel - 1) // 2, bias=False)
         init.xavier_uniform_(conv.weight)
-        return nn.Sequential(OrderedDict([("conv", conv), ("norm", nn.BatchNorm2d(hidden_dim))]))
+        return nn.Sequential(OrderedDict([("conv", conv), ("norm", BatchNorm2d(hidden_dim))]))
 
     projs = nn.ModuleList(nn.Identity() if c == hidden_dim else conv_bn(c, 1, 1) for c in feat_channels)
     cin = feat_channels[-1]
@@ -519,14 +519,20 @@ class _ValueAndRows(torch.autograd.Function):
         (index,) = ctx.saved_tensors
         *value_grads, rows_grad = grads
         b, length, c = ctx.shape
+        heads = ctx.heads
         known = next(g for g in grads if g is not None)
-        grad = known.new_empty(b, length, c) if all(g is not None for g in value_grads) else known.new_zeros(
-            b, length, c)
+        # Laid out as the value (B x heads x C/heads x L), as autograd's own gradient would be: the levels go in
+        # as contiguous copies, and the B x L x C view handed back gives the encoder maps NCHW-strided gradients.
+        # (A B x L x C-contiguous one reaches a 1-image batch's maps channels-last-strided, and CPU BatchNorm
+        # backward after an NCHW convolution gets such a gradient wrong in torch 2.13: see the tests.)
+        full = all(g is not None for g in value_grads)
+        grad = known.new_empty(b, heads, c // heads, length) if full else known.new_zeros(b, heads, c // heads, length)
         start = 0
         for size, g in zip(ctx.sizes, value_grads):
-            if g is not None:  # one strided pass: B x heads x C/heads x HW -> the B x HW x C rows of its level
-                grad[:, start:start + size].view(b, size, ctx.heads, c // ctx.heads).copy_(g.permute(0, 3, 1, 2))
+            if g is not None:
+                grad[..., start:start + size].copy_(g)
             start += size
+        grad = grad.permute(0, 3, 1, 2).reshape(b, length, c)  # a view: B x L x C with strides (C*L, 1, L)
         if rows_grad is not None:
             grad.scatter_add_(1, index[..., None].expand(-1, -1, c), rows_grad)
         return grad, None, None, None
@@ -536,8 +542,8 @@ def value_and_rows(memory: torch.Tensor, index: torch.Tensor, spatial_shapes: li
                    heads: int) -> tuple[list[torch.Tensor], torch.Tensor]:
     """``(split_value(memory, spatial_shapes, heads), take_rows(memory, index))`` with the same values and
     gradients, the gradient of ``memory`` assembled at once: autograd would concatenate the levels' gradients,
-    transpose them into a copy, build a zero ``B x L x C`` tensor for the rows and add the two (five passes over
-    the memory where this makes one, and writes the rows into it). ``index``: ``B x k``, no row twice."""
+    build a zero ``B x L x C`` tensor for the rows and add the two in different layouts (several passes over the
+    memory where this makes one, and adds the rows into it). ``index``: ``B x k``, no row twice."""
     if not (torch.is_grad_enabled() and memory.requires_grad):
         return split_value(memory, spatial_shapes, heads), take_rows(memory, index)
     *value, rows = _ValueAndRows.apply(memory, index, spatial_shapes, heads)

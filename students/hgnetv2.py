@@ -24,7 +24,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .errors import MissingPathError
-from .layers import get_activation
+from .layers import BatchNorm2d, get_activation
 
 __all__ = ["HGNetv2", "StageCfg", "HGNETV2_ARCHS", "freeze_batch_norm", "load_checkpoint_file"]
 
@@ -155,7 +155,7 @@ class ConvBNAct(nn.Module):
         else:
             self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding=(kernel_size - 1) // 2,
                                   groups=groups, bias=False)
-        self.bn = nn.BatchNorm2d(out_chs)
+        self.bn = BatchNorm2d(out_chs)
         self.act = get_activation(act) if use_act else nn.Identity()
         self.lab = LearnableAffineBlock() if (use_act and use_lab) else nn.Identity()
 

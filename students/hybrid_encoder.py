@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from students.conv_blocks import CSP_TYPES, ConvNormLayer, CSPLayer, RepNCSPELAN4, RepNCSPELAN5, RepVGGBlock, SCDown
-from students.layers import cat_dense_grads, get_activation
+from students.layers import BatchNorm2d, cat_dense_grads, get_activation
 
 __all__ = [
     "HybridEncoder",
@@ -198,7 +198,7 @@ class HybridEncoder(nn.Module):
             else:
                 self.input_proj.append(nn.Sequential(OrderedDict([
                     ("conv", nn.Conv2d(ch, hidden_dim, kernel_size=1, bias=False)),
-                    ("norm", nn.BatchNorm2d(hidden_dim)),
+                    ("norm", BatchNorm2d(hidden_dim)),
                 ])))
 
         layer = TransformerEncoderLayer(hidden_dim, nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout,

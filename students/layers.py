@@ -90,3 +90,45 @@ def cat_dense_grads(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
         return _CatDenseGrads.apply(dim, *tensors)
     return torch.cat(tensors, dim)
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# BatchNorm with canonical layouts
+# ---------------------------------------------------------------------------------------------------------------
+def _canonical(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (N x C x H x W) if its strides are exactly the dense NCHW or channels-last ones, else a dense copy in
+    the layout it is contiguous in. With a size-1 dimension (a one-image batch) a tensor can pass
+    ``is_contiguous(memory_format=...)`` with other strides than the dense ones."""
+    n, c, h, w = t.shape
+    if t.stride() in ((c * h * w, h * w, w, 1), (h * w * c, 1, w * c, c)):
+        return t
+    channels_last = t.is_contiguous(memory_format=torch.channels_last)
+    return t.clone(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+class _CanonicalGrad(torch.autograd.Function):
+    """Identity whose backward hands on the gradient in a canonical layout (:func:`_canonical`)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _canonical(grad)
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` (same parameters, buffers and state-dict keys) whose training step sees its input and
+    output gradient in canonical layouts when a dimension has size 1.
+
+    Why: CPU batch-norm backward (torch 2.13) returns wrong input and weight gradients for a one-image batch when
+    one of the input / output gradient is strided channels-last with a batch stride other than H*W*C and the
+    other is not (relative error ~1 in float64; `tests/students/test_layers.py`). Such strides are legal for a
+    size-1 batch and arise from views (concatenation slices, token transposes) in a channels-last model, so a
+    one-image batch (the last batch of an epoch, one image per GPU) trained on wrong gradients silently."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and torch.is_grad_enabled() and x.dim() == 4 and 1 in x.shape):
+            return super().forward(x)
+        return _CanonicalGrad.apply(super().forward(_canonical(x)))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from students.conv_blocks import CSP_TYPES, ConvNormLayer, RepNCSPELAN4
-from students.layers import get_activation
+from students.layers import BatchNorm2d, get_activation
 
 __all__ = ["GAP_Fusion", "LiteEncoder"]
 
@@ -41,7 +41,7 @@ def _avgpool_downsample(hidden_dim: int, act: str) -> nn.Sequential:
     return nn.Sequential(
         nn.AvgPool2d(kernel_size=3, stride=2, padding=1),
         nn.Conv2d(hidden_dim, hidden_dim, 1, 1, bias=False),
-        nn.BatchNorm2d(hidden_dim),
+        BatchNorm2d(hidden_dim),
         get_activation(act),
     )
 
@@ -79,7 +79,7 @@ class LiteEncoder(nn.Module):
 
         self.input_proj = nn.ModuleList([nn.Sequential(OrderedDict([
             ("conv", nn.Conv2d(ch, hidden_dim, kernel_size=1, bias=False)),
-            ("norm", nn.BatchNorm2d(hidden_dim)),
+            ("norm", BatchNorm2d(hidden_dim)),
         ])) for ch in in_channels])
 
         # Official deep-copies one prototype per pair: both start from identical weights.

@@ -23,7 +23,7 @@ from torch import nn
 
 from .errors import MissingPathError
 from .hgnetv2 import freeze_batch_norm, load_checkpoint_file
-from .layers import get_activation
+from .layers import BatchNorm2d, get_activation
 
 __all__ = ["PResNet", "RESNET_DEPTHS"]
 
@@ -57,7 +57,7 @@ class ConvNormLayer(nn.Module):
         super().__init__()
         pad = (kernel_size - 1) // 2 if padding is None else padding
         self.conv = nn.Conv2d(ch_in, ch_out, kernel_size, stride, padding=pad, bias=bias)
-        self.norm = nn.BatchNorm2d(ch_out)
+        self.norm = BatchNorm2d(ch_out)
         self.act = get_activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

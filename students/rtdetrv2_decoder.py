@@ -20,7 +20,7 @@ from torch import nn
 
 from .decoder_blocks import decoder_self_attention, deformable_attention_core
 from .denoising import get_contrastive_denoising_training_group, keep_denoising_in_graph
-from .layers import MLP, bias_init_with_prob, get_activation, inverse_sigmoid
+from .layers import MLP, BatchNorm2d, bias_init_with_prob, get_activation, inverse_sigmoid
 
 __all__ = ["MSDeformableAttention", "TransformerDecoderLayer", "TransformerDecoder", "RTDETRTransformerv2"]
 
@@ -339,14 +339,14 @@ class RTDETRTransformerv2(nn.Module):
         projs = nn.ModuleList(
             nn.Sequential(OrderedDict([
                 ("conv", nn.Conv2d(c, self.hidden_dim, 1, bias=False)),
-                ("norm", nn.BatchNorm2d(self.hidden_dim)),
+                ("norm", BatchNorm2d(self.hidden_dim)),
             ])) for c in feat_channels
         )
         in_ch = feat_channels[-1]
         for _ in range(self.num_levels - len(feat_channels)):
             projs.append(nn.Sequential(OrderedDict([
                 ("conv", nn.Conv2d(in_ch, self.hidden_dim, 3, 2, padding=1, bias=False)),
-                ("norm", nn.BatchNorm2d(self.hidden_dim)),
+                ("norm", BatchNorm2d(self.hidden_dim)),
             ])))
             in_ch = self.hidden_dim
         return projs

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import MissingPathError
+from .layers import BatchNorm2d
 from .vit import DINOV3_CONFIGS, DinoVisionTransformer, VisionTransformer
 
 VIT_TINY_NAMES = ("vit_tiny", "vit_tinyplus")
@@ -39,7 +40,7 @@ class SpatialTuningAdapter(nn.Module):
         c = inplanes
 
         def conv_bn(cin: int, cout: int) -> list[nn.Module]:
-            return [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout)]
+            return [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), BatchNorm2d(cout)]
 
         self.stem = nn.Sequential(*conv_bn(3, c), nn.GELU(), nn.MaxPool2d(3, stride=2, padding=1))  # 1/4
         self.conv2 = nn.Sequential(*conv_bn(c, 2 * c))  # 1/8
@@ -152,7 +153,7 @@ class DINOv3STAs(nn.Module):
             self.sta = SpatialTuningAdapter(conv_inplane)
         detail = (2 * conv_inplane, 4 * conv_inplane, 4 * conv_inplane) if use_sta else (0, 0, 0)
         self.convs = nn.ModuleList(nn.Conv2d(vit_dim + c, hidden_dim, 1, bias=False) for c in detail)
-        self.norms = nn.ModuleList(nn.BatchNorm2d(hidden_dim) for _ in detail)
+        self.norms = nn.ModuleList(BatchNorm2d(hidden_dim) for _ in detail)
 
         self.out_channels = [hidden_dim] * 3
         self.out_strides = [8, 16, 32]

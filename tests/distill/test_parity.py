@@ -180,7 +180,9 @@ def _needs(kind: str):
     pytest.param("RT-DETRv4", "deim_dfine_s", False, marks=_needs("RT-DETRv4")),
 ])
 def test_parity_against_the_official_code(kind, student, speed):
-    report = parity.run_parity(_checkout(kind), student, batch=1, input_size=(320, 320), repeats=1, warmup=0,
+    # batch 2: for one image torch 2.13's CPU batch-norm backward gets the official model's gradients wrong (ours
+    # are right: students.layers.BatchNorm2d, checked against a batch norm built from elementary ops)
+    report = parity.run_parity(_checkout(kind), student, batch=2, input_size=(320, 320), repeats=1, warmup=0,
                                speed_options=speed)
     assert report.setup["our_speed_options"].startswith("the defaults" if speed else "none")
     failing = [r for r in report.rows if r.ok is False]

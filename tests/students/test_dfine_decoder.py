@@ -576,3 +576,17 @@ def test_value_and_rows_gives_autograds_gradient_in_one_pass(used):
         assert torch.equal(g, w)
     torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=1e-15)
     assert got_grad.abs().sum() > 0
+
+
+def test_value_and_rows_hands_back_a_gradient_laid_out_like_autograds():
+    """The memory's gradient leaves the node laid out as the value (B x heads x C/heads x L underneath), as
+    autograd's own would: the encoder maps of a one-image batch then get NCHW-strided gradients, not
+    channels-last-strided ones (which CPU BatchNorm backward after an NCHW convolution got wrong)."""
+    from students.decoder_blocks import value_and_rows
+
+    memory = torch.randn(1, 32, 16, dtype=torch.float64, requires_grad=True)
+    seen = []
+    memory.register_hook(lambda g: seen.append(g.stride()))
+    value, rows = value_and_rows(memory, torch.arange(5)[None], [[4, 6], [2, 3], [1, 2]], 4)
+    (sum(v.sum() for v in value) + rows.sum()).backward()
+    assert [stride[1:] for stride in seen] == [(1, 32)]  # tokens adjacent, channels L apart (B = 1: no batch stride)
