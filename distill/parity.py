@@ -715,6 +715,7 @@ def run_parity(
                    "seed": seed, "num_classes": num_classes, "device": str(device),
                    "our_speed_options": "the defaults (channels-last, fused AdamW)" if speed_options else
                                         "none (NCHW, the official AdamW kernel)",
+                   "gradient_tolerance": pair.grad_tolerance_factor * tolerance,
                    "threads": torch.get_num_threads(),
                    "weights": f"official init + N(0, {noise:g}^2) on every parameter, BN statistics randomised; "
                               f"saved as {{'model': state_dict}} and loaded by students.build_student("

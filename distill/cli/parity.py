@@ -85,7 +85,8 @@ def report_text(report) -> str:
     lines.append(format_table(cells, ("check", "official", "ours", "rel. diff", "", "")))
     lines.append("")
     verdict = "every check within tolerance" if report.ok else "SOME CHECKS EXCEED THE TOLERANCE"
-    lines.append(f"relative tolerance {report.tolerance:g} (gradients {GRAD_TOLERANCE_FACTOR * report.tolerance:g}; "
+    grad_tolerance = setup.get("gradient_tolerance", GRAD_TOLERANCE_FACTOR * report.tolerance)
+    lines.append(f"relative tolerance {report.tolerance:g} (gradients {grad_tolerance:g}; "
                  f"loss terms relative to at least {LOSS_FLOOR:g}): {verdict}")
     return "\n".join(lines)
 
