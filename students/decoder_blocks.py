@@ -284,7 +284,10 @@ def decoder_self_attention(attn: nn.MultiheadAttention, query: torch.Tensor, val
     the same keys) with a ``Q x Q`` unmasked and an ``Ndn x N`` masked product in place of one masked ``N x N``
     one; the projections are the module's own (``in_proj``, ``out_proj``), applied as it applies them.
     """
-    if attn_mask is None or num_denoising <= 0 or (attn.training and attn.dropout > 0):
+    # the split path covers the decoders' module: packed batch-first projections, no extra key/value bias
+    plain = (attn.in_proj_weight is None or attn.bias_k is not None or attn.add_zero_attn or not attn.batch_first
+             or (attn.training and attn.dropout > 0))  # fmt: skip
+    if attn_mask is None or num_denoising <= 0 or plain:
         return attn(query, query, value, attn_mask=attn_mask, need_weights=False)[0]
     batch, n, dim = query.shape
     heads = attn.num_heads
