@@ -492,7 +492,7 @@ class _Pair:
     our_criterion: nn.Module
     official_input: Callable[[torch.Tensor], torch.Tensor]
     our_input: Callable[[torch.Tensor], torch.Tensor] = lambda x: x  # noqa: E731
-    fused_optimizer: bool = False  # the timed steps' AdamW on our side: the fused kernel (distill.speed)
+    our_adamw: dict = field(default_factory=dict)  # the timed steps' AdamW kernel on our side (distill.speed)
     grad_tolerance_factor: float = GRAD_TOLERANCE_FACTOR
 
     def forward(self, which: str, images: torch.Tensor, targets: list[dict] | None, denoising: bool = True) -> dict:
@@ -609,9 +609,9 @@ def _time_steps(pair: _Pair, images: torch.Tensor, targets: list[dict], repeats:
     repeat), medians and spreads of wall and CPU time."""
     from distill.bench.timing import interleaved, spread
 
-    fused = {"fused": True} if pair.fused_optimizer and device.type in ("cpu", "cuda") else {}
-    optimizers = {w: torch.optim.AdamW((pair.official if w == "official" else pair.ours).parameters(), lr=1e-5,
-                                       **(fused if w == "ours" else {})) for w in ("official", "ours")}  # fmt: skip
+    models = {"official": pair.official, "ours": pair.ours}
+    kernels = {"official": {}, "ours": pair.our_adamw}
+    optimizers = {w: torch.optim.AdamW(models[w].parameters(), lr=1e-5, **kernels[w]) for w in models}
     done = {"official": 0, "ours": 0}
 
     def step(which: str) -> Callable[[], None]:
@@ -693,12 +693,12 @@ def run_parity(
         normalise = official_normalisation(cfg.yaml_cfg)
         pair = _Pair(official, ours, official_criterion, our_criterion, normalise or (lambda x: x))
         if speed_options:
-            from .speed import SpeedOptions, batch_to, prepare_student
+            from .speed import SpeedOptions, batch_to, optimizer_kwargs, prepare_student
 
             options = SpeedOptions()
             prepare_student(ours, options)
             pair.our_input = lambda x: batch_to(x, options)
-            pair.fused_optimizer = options.fused_optimizer
+            pair.our_adamw = optimizer_kwargs(options, device)
             pair.grad_tolerance_factor = SPEED_GRAD_TOLERANCE_FACTOR
         images, targets = synthetic_batch(batch, size, num_classes, seed, device)
         set_aside = sorted(k for k in official.state_dict() if k not in ours.state_dict())
