@@ -171,6 +171,7 @@ class TrainConfig:
     recompute_topk: bool = True  # query selection ranks without autograd, back-propagates the top-k rows only
     level_sums: bool = True  # deformable attention sums each level's samples as it goes (no concatenation)
     split_attention: bool = True  # decoder self-attention by the blocks of the denoising mask
+    keep_host_memory: bool = True  # on a CPU device: glibc keeps freed memory for the next step (no page faults)
     # experiment trackers through Accelerate (the `trackers` extra): every metrics.jsonl value per epoch, the
     # resolved config as hyperparameters; the run is named after output_dir's last part (distill.trackers)
     log_with: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=list)

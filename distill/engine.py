@@ -42,6 +42,7 @@ from .speed import (
     SpeedOptions,
     batch_to,
     compile_student,
+    keep_freed_host_memory,
     load_optimizer_state,
     optimizer_kwargs,
     prepare_student,
@@ -410,6 +411,8 @@ class Trainer:
             cfg.model.student, num_classes=self.num_classes, pretrained=pretrained, input_size=size
         )
         self.speed = SpeedOptions.from_config(cfg)
+        if self.speed.keep_host_memory and acc.device.type == "cpu":
+            keep_freed_host_memory()
         prepare_student(self.student, self.speed)
         self.criterion = build_criterion(cfg.model.student, num_classes=self.num_classes, **cfg.loss)
         self.distiller = build_distiller(cfg, self.student, acc.device)
@@ -423,7 +426,8 @@ class Trainer:
         if self.ema is not None:
             self.ema.module.to(acc.device)
         if self.speed.compile:  # after the EMA's deep copy, which must not share the compiled code
-            regions = compile_student(self.student, self.speed)
+            taps = self.distiller.tap_names if self.distiller is not None else []
+            regions = compile_student(self.student, self.speed, taps)
             seconds = warm_up(self.student, self.data_cfg.batch_size, self.data_cfg.img_size, acc.device,
                               acc.autocast)  # fmt: skip
             if self.main:

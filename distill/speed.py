@@ -9,9 +9,11 @@ the tensors as they are; in NCHW they reorder input, weights and output into a b
 call, forward and backward. Linear layers and attention do not care. With it the feature concatenations of the
 encoder and decoder hand their inputs dense channels-last gradients (:func:`students.layers.cat_dense_grads`).
 
-``compile`` (default off): ``torch.compile`` of the backbone and encoder, module by module (:func:`compile_regions`):
-every module that holds a feature tap stays eager, because the DSI taps are forward hooks registered for each
-step and dynamo does not see hooks registered after it traced a module (it would keep the stale ones silently).
+``compile`` (default off): ``torch.compile`` of the backbone and encoder (:func:`compile_regions`): of a plain run the
+two whole modules; where the run captures a feature tap inside one, the largest modules around that tap. The
+DSI taps are forward hooks registered for each step, and dynamo does not see hooks registered after it traced a
+module (it would keep the stale ones silently): so only ``forward`` methods are compiled, the hooks of the
+compiled module itself run around it, and no tapped module lies inside a compiled one.
 The decoder stays eager: its top-k selection and denoising queries change from batch to batch. Runs with
 multi-scale batches compile with dynamic spatial sizes, so every size shares one graph; the compilation is paid
 once, up front, by :func:`warm_up` on a dummy batch, and the engine logs its time.
@@ -38,10 +40,19 @@ that tensor and its backward.
 queries see only each other, runs as an unmasked matching x matching product plus a masked product for the
 denoising rows (``students.decoder_blocks.decoder_self_attention``) instead of one masked product over all
 queries: every query's softmax covers the same keys, about a third of the products are skipped.
+
+``keep_host_memory`` (default on; acts on a CPU device): glibc's allocator keeps the memory a step frees for the
+next one (:func:`keep_freed_host_memory`) instead of handing large blocks back to the kernel and faulting fresh,
+zeroed pages in again: the eager DEIM-D-FINE-S step at 640, batch 2, took ~95,000 page faults a step (~0.4 GB
+touched anew), 10% of its time. The effect torch's own CPU launcher (``python -m torch.backends.xeon.run_cpu``)
+gets by preloading jemalloc or tcmalloc, without another library. It is a setting of the whole process: the
+process then keeps its peak heap.
 """
 
 from __future__ import annotations
 
+import ctypes
+import platform
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
@@ -50,8 +61,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["SpeedOptions", "batch_to", "compile_regions", "compile_student", "load_optimizer_state",
-           "match_state_layout", "optimizer_kwargs", "prepare_student", "warm_up"]  # fmt: skip
+__all__ = ["SpeedOptions", "batch_to", "compile_regions", "compile_student", "keep_freed_host_memory",
+           "load_optimizer_state", "match_state_layout", "optimizer_kwargs", "prepare_student", "warm_up"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -64,6 +75,7 @@ class SpeedOptions:
     recompute_topk: bool = True
     level_sums: bool = True
     split_attention: bool = True
+    keep_host_memory: bool = True
     dynamic: bool | None = None  # compile with dynamic spatial sizes (multi-scale runs); None: dynamo decides
     backend: str = "inductor"
 
@@ -72,13 +84,13 @@ class SpeedOptions:
         """The options of a :class:`distill.config.TrainConfig` (dynamic sizes when its data is multi-scale)."""
         return cls(channels_last=cfg.channels_last, compile=cfg.compile, fused_optimizer=cfg.fused_optimizer,
                    recompute_topk=cfg.recompute_topk, level_sums=cfg.level_sums,
-                   split_attention=cfg.split_attention,
+                   split_attention=cfg.split_attention, keep_host_memory=cfg.keep_host_memory,
                    dynamic=True if cfg.data.base_size_repeat is not None else None)  # fmt: skip
 
     @classmethod
     def off(cls) -> SpeedOptions:
         return cls(channels_last=False, compile=False, fused_optimizer=False, recompute_topk=False, level_sums=False,
-                   split_attention=False)
+                   split_attention=False, keep_host_memory=False)
 
 
 def _memory_format(options: SpeedOptions) -> torch.memory_format:
@@ -135,6 +147,27 @@ def prepare_student(student: nn.Module, options: SpeedOptions) -> None:
                 setattr(module, name, getattr(options, name))
 
 
+# glibc's mallopt parameters (malloc.h) and the largest mmap threshold it accepts on a 64-bit system
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
+_MMAP_THRESHOLD_MAX = 32 * 2**20
+
+
+def keep_freed_host_memory() -> bool:
+    """Have glibc's allocator keep freed memory in the process (for the rest of its life); returns whether it
+    could (False off glibc: macOS, musl).
+
+    By default glibc serves large blocks with their own ``mmap`` and unmaps them when freed, and returns the top
+    of its heap to the kernel once more than a threshold is free; a training step frees and allocates the same
+    activation-sized blocks every step, so each step faults them in again as fresh zeroed pages. Here every block
+    comes from the heap (no per-block ``mmap``), and up to 2 GiB of free heap stays mapped."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    mallopt = ctypes.CDLL(None).mallopt
+    settings = ((_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1),
+                (_M_TOP_PAD, 256 * 2**20))  # fmt: skip
+    return all(mallopt(param, value) == 1 for param, value in settings)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # torch.compile
 # ---------------------------------------------------------------------------------------------------------------
@@ -153,38 +186,41 @@ def _called_modules(student: nn.Module, roots: Iterable[str], size: int = 64) ->
     return called
 
 
-def compile_regions(student: nn.Module) -> list[str]:
-    """Names of the submodules :func:`compile_student` compiles: under the backbone and the encoder, the largest
-    modules that the forward calls as a whole, hold parameters and contain no tap module (their forward hooks
-    must stay visible: see the module docstring)."""
-    taps = {tap.module for tap in student.taps.values()}
-    roots = ("backbone", "encoder")
-    called = _called_modules(student, roots)
+def compile_regions(student: nn.Module, taps: Iterable[str] | None = None) -> list[str]:
+    """Names of the submodules :func:`compile_student` compiles: under the backbone and the encoder (the roots
+    themselves included), the largest modules that the forward calls as a whole, hold parameters and have none
+    of the run's tapped modules inside them. ``taps``: the tap names the run captures (None: every tap the
+    student declares). A tap on a region itself is fine: only the region's ``forward`` is compiled, and its
+    hooks run around it."""
+    names = student.taps if taps is None else list(taps)
+    tapped = {student.taps[name].module for name in names}
+    called = _called_modules(student, ("backbone", "encoder"))
     regions: list[str] = []
 
-    def walk(module: nn.Module, prefix: str) -> None:
-        for name, child in module.named_children():
-            full = f"{prefix}.{name}"
-            holds_tap = any(t == full or t.startswith(full + ".") for t in taps)
-            if holds_tap or child not in called:
-                walk(child, full)  # a tap inside, or a container / module reached through a method: go down
-            elif any(True for _ in child.parameters()):
-                regions.append(full)
+    def visit(module: nn.Module, name: str) -> None:
+        if module not in called or any(t.startswith(name + ".") for t in tapped):
+            for child_name, child in module.named_children():  # a tap inside, or reached through a method
+                visit(child, f"{name}.{child_name}")
+        elif any(True for _ in module.parameters()):
+            regions.append(name)
 
-    for root in roots:
-        walk(student.get_submodule(root), root)
+    for root in ("backbone", "encoder"):
+        visit(student.get_submodule(root), root)
     return regions
 
 
-def compile_student(student: nn.Module, options: SpeedOptions) -> list[str]:
-    """``torch.compile`` every region of :func:`compile_regions` in place (state-dict keys unchanged); returns
-    their names. Call after any deep copy of the student."""
-    regions = compile_regions(student)
+def compile_student(student: nn.Module, options: SpeedOptions, taps: Iterable[str] | None = None) -> list[str]:
+    """``torch.compile`` the ``forward`` of every region of :func:`compile_regions` in place (state-dict keys
+    unchanged; the student's ``compiled_regions`` names them, and its ``capture`` then refuses a tap inside one);
+    returns their names. Call after any deep copy of the student."""
+    regions = compile_regions(student, taps)
     # Regions of one class (HGNetv2's four stages) share one code object, and dynamo counts their graphs (one per
     # class of shapes, one more where a size turns dynamic) against one limit, past which it runs them eagerly
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(regions))
     for name in regions:
-        student.get_submodule(name).compile(backend=options.backend, dynamic=options.dynamic)
+        module = student.get_submodule(name)
+        module.forward = torch.compile(module.forward, backend=options.backend, dynamic=options.dynamic)
+    student.compiled_regions = tuple(regions)
     return regions
 
 

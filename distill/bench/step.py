@@ -31,7 +31,9 @@ Every variant runs with the config's speed options (:mod:`distill.speed`: channe
 ``torch.compile`` when the config asks), as the engine would. ``--compare-eager`` times something else: the plain
 step twice, over two students with the same weights, ``default`` with those options and ``eager`` with every
 option off (the eager fp32 step before them), interleaved; ``ratio_vs_eager`` = default / eager (medians), and
-the compilation, paid once before the timed steps, is reported apart (``compile_s``).
+the compilation, paid once before the timed steps, is reported apart (``compile_s``). The two sides run each in
+a process of its own, one at a time (:mod:`distill.bench.processes`): some options set the whole process (the
+allocator's ``keep_host_memory``, compiled code), and in one process the eager side would share them.
 
 On CPU every figure is also given in process CPU time (``cpu``). Peak memory is the rise over one extra, untimed
 step per variant (:class:`distill.bench.timing.PeakMemory`). The variants share one student, EMA and teacher, so
@@ -42,8 +44,10 @@ weights.
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import Any
@@ -55,12 +59,22 @@ from distill.dsi import DistillConfig, Distiller, InjectionConfig
 from distill.engine import TrainModel, TrainStep, build_accelerator, seed_everything
 from distill.errors import UserError
 from distill.gam import SCALE_PRESETS, GAMConfig, gam_config_for
-from distill.speed import SpeedOptions, batch_to, compile_student, optimizer_kwargs, prepare_student, warm_up
+from distill.speed import (
+    SpeedOptions,
+    batch_to,
+    compile_student,
+    keep_freed_host_memory,
+    optimizer_kwargs,
+    prepare_student,
+    warm_up,
+)
 
+from .processes import InTurn
 from .timing import PeakMemory, PhaseClock, interleaved, release_free_memory, spread
 
-__all__ = ["COMPARE", "PHASES", "VARIANTS", "build_compare", "build_variants", "default_distill", "measure_step",
-           "random_teacher_dir", "run_bench", "summarise", "summarise_compare", "synthetic_batch"]  # fmt: skip
+__all__ = ["COMPARE", "PHASES", "VARIANTS", "StepContender", "build_variants", "default_distill", "measure_step",
+           "random_teacher_dir", "run_bench", "run_compare", "summarise", "summarise_compare",
+           "synthetic_batch"]  # fmt: skip
 
 VARIANTS = ("plain", "dsi", "dsi_gam")
 COMPARE = ("default", "eager")  # --compare-eager: the config's speed options, and every option off
@@ -210,6 +224,8 @@ def build_variants(
     cfg = _with_warmup(cfg)
     options = SpeedOptions.from_config(cfg)
     acc = build_accelerator(cfg)
+    if options.keep_host_memory and acc.device.type == "cpu":  # as the engine does
+        keep_freed_host_memory()
     student = _student(cfg, num_classes, size, acc.device, options)
     criterion = build_criterion(cfg.model.student, num_classes=num_classes, **cfg.loss).to(acc.device)
     ema = ModelEMA(student, cfg.ema.decay, cfg.ema.warmups, lerp=options.fused_optimizer)
@@ -232,40 +248,105 @@ def build_variants(
         steps[name] = _timed_step(model, criterion, optimizer, acc, clock, cfg, student=student,
                                   distiller=distiller, ema=_Timed(ema, clock, {"update": "ema"}))  # fmt: skip
     if options.compile:
-        compile_student(student, options)
+        compile_student(student, options, dsi.tap_names)
         warm_up(student, batch, size, acc.device, acc.autocast)  # the compilation, before any step (untimed)
     return steps, acc
 
 
-def build_compare(
-    cfg: TrainConfig, num_classes: int, size: int, batch: int, clock: PhaseClock
-) -> tuple[dict[str, TrainStep], dict[str, SpeedOptions], float | None, Any]:
-    """The plain step twice, each over its own student with the same weights: ``default`` with the config's
-    speed options, ``eager`` with every option off (the eager fp32 step before :mod:`distill.speed`). Returns
-    the steps, their options, the seconds :func:`distill.speed.warm_up` took to compile (None without compile)
-    and the accelerator."""
-    from distill.ema import ModelEMA
-    from distill.optim import build_optimizer
-    from students.criterion import build_criterion
+class StepContender:
+    """``--compare-eager``: one side of the comparison, built in its own process (:class:`distill.bench.processes.
+    InTurn`): the plain step over a fresh student (the same weights on both sides, from the config's seed) with
+    ``options``, as the engine would set it up, including the process-wide settings (the allocator's, on a CPU).
+    :meth:`step` and :meth:`memory` answer with what :func:`run_bench` records for a variant."""
 
-    cfg = _with_warmup(cfg)
-    acc = build_accelerator(cfg)
-    options = {"default": SpeedOptions.from_config(cfg), "eager": SpeedOptions.off()}
-    steps, compile_s = {}, None
-    for name, opts in options.items():
-        student = _student(cfg, num_classes, size, acc.device, opts)
+    def __init__(self, cfg: TrainConfig, options: SpeedOptions, num_classes: int, size: int, batch: int,
+                 images: torch.Tensor, targets: list[dict], threads: int) -> None:  # fmt: skip
+        from distill.ema import ModelEMA
+        from distill.optim import build_optimizer
+        from students.criterion import build_criterion
+
+        torch.set_num_threads(threads)
+        cfg = _with_warmup(cfg)
+        acc = build_accelerator(cfg)
+        host_memory = options.keep_host_memory and acc.device.type == "cpu" and keep_freed_host_memory()
+        self.clock = PhaseClock(acc.device)
+        student = _student(cfg, num_classes, size, acc.device, options)
         criterion = build_criterion(cfg.model.student, num_classes=num_classes, **cfg.loss).to(acc.device)
-        ema = ModelEMA(student, cfg.ema.decay, cfg.ema.warmups, lerp=opts.fused_optimizer)
+        ema = ModelEMA(student, cfg.ema.decay, cfg.ema.warmups, lerp=options.fused_optimizer)
         ema.module.to(acc.device)
         train_model = TrainModel(student)
-        optimizer = build_optimizer(train_model, cfg.optim, **optimizer_kwargs(opts, acc.device))
+        optimizer = build_optimizer(train_model, cfg.optim, **optimizer_kwargs(options, acc.device))
         model, optimizer = acc.prepare(train_model, optimizer)
-        if opts.compile:
-            compile_student(student, opts)
+        compile_s = None
+        if options.compile:
+            compile_student(student, options, taps=())
             compile_s = warm_up(student, batch, size, acc.device, acc.autocast)
-        steps[name] = _timed_step(model, criterion, optimizer, acc, clock, cfg, student=student,
-                                  ema=_Timed(ema, clock, {"update": "ema"}))  # fmt: skip
-    return steps, options, compile_s, acc
+        self.train_step = _timed_step(model, criterion, optimizer, acc, self.clock, cfg, student=student,
+                                      ema=_Timed(ema, self.clock, {"update": "ema"}))  # fmt: skip
+        self.images = batch_to(images.to(acc.device), options)
+        self.targets = [{k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        self.memory_meter = PeakMemory(acc.device)
+        self.sync = (lambda: torch.cuda.synchronize(acc.device)) if acc.device.type == "cuda" else (lambda: None)
+        self.info = {"compile_s": compile_s, "device": str(acc.device), "precision": acc.mixed_precision,
+                     "threads": torch.get_num_threads(), "memory_kind": self.memory_meter.kind,
+                     "host_memory_kept": bool(host_memory)}  # fmt: skip
+
+    def _run(self) -> bool:
+        self.train_step.global_step = 0  # warm-up LR 0: the weights stay put and every repeat does the same work
+        self.clock.reset()
+        return self.train_step(self.images, self.targets, epoch=0)[1] is not None
+
+    def step(self) -> dict[str, Any]:
+        """One timed step: wall and CPU seconds, raw phase spans, whether its loss was finite, and the page faults
+        the process took during it (minor faults: pages the kernel had to map in, zeroed)."""
+        self.sync()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        start, cpu_start = time.perf_counter(), time.process_time()
+        finite = self._run()
+        self.sync()
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        return {"wall_s": wall, "cpu_s": cpu, "finite": finite, "phases": _phases(self.clock.seconds(), wall),
+                "cpu_phases": None if self.clock.cuda else _phases(self.clock.cpu_seconds(), cpu),
+                "page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults}  # fmt: skip
+
+    def memory(self) -> int:
+        """The memory rise of one untimed step (see :func:`run_bench`)."""
+        release_free_memory()
+        self.memory_meter.begin()
+        self._run()
+        self.sync()
+        return self.memory_meter.end()
+
+
+def run_compare(contenders: dict[str, tuple], repeats: int, warmup: int,
+                progress: Callable[[str], None] | None = None) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Every :class:`StepContender` of ``contenders`` (name -> its arguments) in its own process, stepped in turn
+    in :func:`distill.bench.timing.interleaved` order; returns per name the samples :func:`run_bench` keeps and
+    the contender's ``info`` (with its ``pid``)."""
+    samples = {n: {"total": [], "phases": [], "cpu_total": [], "cpu_phases": [], "memory": [], "page_faults": []}
+               for n in contenders}  # fmt: skip
+    with InTurn({name: (StepContender, args) for name, args in contenders.items()}) as turn:
+        calls = {name: (lambda name=name: turn.call(name, "step")) for name in contenders}
+        done: dict[str, str] = {}
+        for k, sample in enumerate(interleaved(calls, repeats, warmup)):
+            answer = sample.result
+            if not answer["finite"]:
+                raise RuntimeError(f"bench step: variant {sample.name!r} gave a non-finite loss on the fixed batch")
+            if not sample.warmup:
+                kept = samples[sample.name]
+                kept["total"].append(answer["wall_s"])
+                kept["phases"].append(answer["phases"])
+                kept["page_faults"].append(answer["page_faults"])
+                if answer["cpu_phases"] is not None:
+                    kept["cpu_total"].append(answer["cpu_s"])
+                    kept["cpu_phases"].append(answer["cpu_phases"])
+                done[sample.name] = f"{answer['wall_s']:.3f}s"
+            if progress is not None and (k + 1) % len(contenders) == 0:
+                tag = "warm-up" if sample.warmup else f"repeat {sample.repeat + 1}/{repeats}"
+                progress(f"bench step: {tag} {done if not sample.warmup else ''}".rstrip())
+        for name in contenders:
+            samples[name]["memory"].append(turn.call(name, "memory"))
+        return samples, turn.info
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -407,6 +488,7 @@ def summarise_compare(samples: dict, batch: int, memory_kind: str, compile_s: fl
         v["images_per_s"] = batch / v["step_s"]
         v["peak_memory_mb"] = max(samples[n]["memory"]) / 2**20
         v["options"] = asdict(options[n])
+        v["page_faults"] = statistics.median(samples[n]["page_faults"]) if samples[n].get("page_faults") else None
     out.update(mode="compare_eager", compile_s=compile_s, memory_kind=memory_kind, cpu=None)
     if all(samples[n]["cpu_total"] for n in COMPARE):
         out["cpu"] = compare("cpu_total", "cpu_phases")
@@ -416,6 +498,7 @@ def summarise_compare(samples: dict, batch: int, memory_kind: str, compile_s: fl
 def measure_step(cfg: TrainConfig, *, batch: int = 2, size: int = 0, repeats: int = 5, warmup: int = 1,
                  boxes: int = 8, num_classes: int = 0, teacher: str = "", teacher_dim: int = DEFAULT_TEACHER_DIM,
                  real: bool = False, seed: int = 0, compare_eager: bool = False,
+                 default_options: SpeedOptions | None = None,
                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The whole benchmark for a loaded training config: :func:`summarise`'s figures (with ``compare_eager``:
     :func:`summarise_compare`'s) plus ``setup`` (what was measured, and the load average before and after).
@@ -423,7 +506,8 @@ def measure_step(cfg: TrainConfig, *, batch: int = 2, size: int = 0, repeats: in
     ``size`` 0 is the config's ``img_size``; ``num_classes`` 0 is the model's, else the data's, else 80 (with
     ``real``: the dataset's); ``teacher`` replaces the config's teachers; without it and without distillation
     in the config, a random one-layer DINOv3 ViT of width ``teacher_dim`` is the teacher (``compare_eager`` times
-    the plain step alone: no teacher).
+    the plain step alone: no teacher, and each side in its own process: :func:`run_compare`);
+    ``default_options`` replaces the config's options on the default side.
     """
     if batch < 1 or repeats < 1 or warmup < 0:
         raise UserError(f"--batch and --repeats must be >= 1 and --warmup >= 0; got {batch}, {repeats}, {warmup}")
@@ -433,7 +517,6 @@ def measure_step(cfg: TrainConfig, *, batch: int = 2, size: int = 0, repeats: in
     cfg = replace(cfg, grad_accum=1, seed=seed)
     seed_everything(seed)
     load_start = _load()
-    compile_s = None
     with tempfile.TemporaryDirectory(prefix="bench_step_") as tmp:
         teacher_desc = "none (plain step)" if compare_eager else "from the config"
         if teacher and not compare_eager:
@@ -451,24 +534,30 @@ def measure_step(cfg: TrainConfig, *, batch: int = 2, size: int = 0, repeats: in
             images, targets = synthetic_batch(batch, size, classes, boxes, seed)
         if num_classes:
             classes = num_classes
-        clock = PhaseClock(torch.device("cuda") if _uses_cuda(cfg) else torch.device("cpu"))
         if compare_eager:
-            steps, options, compile_s, acc = build_compare(cfg, classes, size, batch, clock)
+            options = {"default": default_options or SpeedOptions.from_config(cfg), "eager": SpeedOptions.off()}
+            threads = torch.get_num_threads()
+            samples, info = run_compare({name: (cfg, opts, classes, size, batch, images, targets, threads)
+                                         for name, opts in options.items()}, repeats, warmup, progress)  # fmt: skip
+            device, precision = info["default"]["device"], info["default"]["precision"]
+            result = summarise_compare(samples, batch, info["default"]["memory_kind"], info["default"]["compile_s"],
+                                       options)  # fmt: skip
+            result["processes"] = {name: {k: info[name][k] for k in ("pid", "host_memory_kept", "threads")}
+                                   for name in options}  # fmt: skip
         else:
+            clock = PhaseClock(torch.device("cuda") if _uses_cuda(cfg) else torch.device("cpu"))
             steps, acc = build_variants(cfg, classes, size, clock, batch)
-            options = dict.fromkeys(steps, SpeedOptions.from_config(cfg))
-        batches = {name: batch_to(images.to(acc.device), options[name]) for name in steps}
-        targets = [{k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-        samples, memory_kind = run_bench(steps, batches, targets, clock, repeats, warmup, progress=progress)
-    if compare_eager:
-        result = summarise_compare(samples, batch, memory_kind, compile_s, options)
-    else:
-        result = summarise(samples, batch, memory_kind)
-        result["options"] = asdict(SpeedOptions.from_config(cfg))
+            images = images.to(acc.device)
+            targets = [{k: v.to(acc.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+            samples, memory_kind = run_bench(steps, batch_to(images, SpeedOptions.from_config(cfg)), targets, clock,
+                                             repeats, warmup, progress=progress)  # fmt: skip
+            device, precision = acc.device, acc.mixed_precision
+            result = summarise(samples, batch, memory_kind)
+            result["options"] = asdict(SpeedOptions.from_config(cfg))
     result["setup"] = {
         "student": cfg.model.student, "num_classes": classes, "batch": batch, "size": size, "repeats": repeats,
-        "warmup": warmup, "device": str(acc.device),
-        "precision": {"no": "fp32"}.get(acc.mixed_precision, acc.mixed_precision),
+        "warmup": warmup, "device": str(device),
+        "precision": {"no": "fp32"}.get(precision, precision),
         "threads": torch.get_num_threads(), "batch_source": "real" if real else "synthetic",
         "teacher": teacher_desc, "load_start": load_start, "load_end": _load(),
     }  # fmt: skip

@@ -171,6 +171,9 @@ def compare_report(result: dict[str, Any]) -> str:
         "",
         f"default / eager: {result['ratio_vs_eager']:.3f} (ratio of medians); {result['paired_ratio']:.3f} "
         f"(median of the per-repeat ratios); spread of the eager step {_percent(result['spread']['eager'])}",
+        "each side in its own process, run in turn; freed host memory kept (keep_host_memory): "
+        + ", ".join(f"{n} {'yes' if p['host_memory_kept'] else 'no'} ({result['variants'][n]['page_faults']:.0f} page "
+                    f"faults a step)" for n, p in result["processes"].items()),  # fmt: skip
         "compile: " + ("not asked (compile: false)" if compile_s is None
                        else f"{compile_s:.1f} s, paid once before the timed steps (not in the figures above)"),
     ]

@@ -5,6 +5,9 @@ batches (counted with dynamo's own guards, behind the cheap ``aot_eager`` backen
 from __future__ import annotations
 
 import copy
+import platform
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -193,15 +196,36 @@ def test_a_step_with_the_speed_options_matches_the_eager_step(name, size):
     assert _relative(grads_on, grads_off, "decoder") < 5e-3
 
 
-def test_compile_regions_leave_every_tap_module_eager():
+def test_compile_regions_keep_every_tapped_module_out_of_compiled_code():
     student = build_student("deim_dfine_n", num_classes=3, input_size=(256, 256))
-    regions = compile_regions(student)
     taps = {tap.module for tap in student.taps.values()}
     assert taps == {"backbone", "encoder", "encoder.f5"}
-    assert regions and all(r.startswith(("backbone.", "encoder.")) for r in regions)
-    for region in regions:
-        assert not any(t == region or t.startswith(region + ".") for t in taps), region
-    assert "backbone.stages.0" in regions and "encoder.encoder.0" in regions  # HGNetv2 stages, the AIFI layer
+    # a plain run (no taps): the two whole modules
+    assert compile_regions(student, taps=()) == ["backbone", "encoder"]
+    assert compile_regions(student, taps=["S4", "P5"]) == ["backbone", "encoder"]  # taps on the regions themselves
+    # F5 lies inside the encoder: the encoder is compiled around it, the backbone whole
+    for regions in (compile_regions(student), compile_regions(student, taps=["F5"])):
+        assert regions[0] == "backbone" and "encoder" not in regions and "encoder.encoder.0" in regions
+        for region in regions:
+            assert not any(t.startswith(region + ".") for t in taps), region
+
+
+def test_a_tap_inside_a_compiled_region_is_refused_and_one_on_a_region_fires():
+    torch._dynamo.reset()
+    student = build_student("deimv2_atto", num_classes=3, input_size=(160, 160)).train()
+    eager = copy.deepcopy(student)
+    compile_student(student, SpeedOptions(channels_last=False, compile=True, backend="eager"), taps=())
+    assert student.compiled_regions == ("backbone", "encoder")
+    with pytest.raises(ValueError, match=r"'F5' \(encoder.f5\) lies inside 'encoder'"):
+        student.capture(["F5"])
+    images = torch.rand(2, 3, 160, 160)
+    torch.manual_seed(0)
+    got = student.tap_features(images, ["S4", "P5"])  # hooks on the compiled modules themselves, registered after
+    torch.manual_seed(0)
+    want = eager.tap_features(images, ["S4", "P5"])
+    assert set(got) == {"S4", "P5"}
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)
 
 
 class _Counting:
@@ -299,3 +323,44 @@ def test_a_resumed_state_of_the_other_layout_steps_correctly_with_fused_adamw():
 
     # what match_state_layout prevents: the fused kernel pairs the wrong elements of mismatched layouts
     assert not torch.allclose(resumed(fused_without_layout)[0], old.detach(), atol=1e-3)
+
+
+_FAULTS = """
+import resource, sys, torch
+from distill.speed import keep_freed_host_memory
+
+def faults():
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):  # a step's worth: blocks of activation size, allocated, written and freed again
+        blocks = [torch.ones(2**20 * n) for n in (1, 4, 16)]  # 4, 16 and 64 MiB
+        del blocks
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
+
+before = faults()
+kept = keep_freed_host_memory()
+faults()  # the first round after it fills the heap
+print(before, faults(), kept)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's")
+def test_kept_host_memory_ends_the_page_faults_of_repeated_allocations():
+    # in a fresh interpreter: the setting belongs to the whole process, for the rest of its life
+    out = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, check=True)
+    before, after, kept = out.stdout.split()
+    assert kept == "True"
+    assert int(before) > 10 * 2**20 * 84 // 4096 // 2  # at least half the pages of every block, every round
+    assert int(after) < int(before) / 100, (before, after)
+
+
+def test_the_engine_keeps_host_memory_on_a_cpu_device_when_asked(tmp_path, monkeypatch, synth_dir,
+                                                                 tiny_train_config, write_yaml):  # fmt: skip
+    import distill.engine as engine
+
+    calls = []
+    monkeypatch.setattr(engine, "keep_freed_host_memory", lambda: calls.append(1) or True)
+    synth = synth_dir(train=2, val=2, size=160)
+    for keep in (True, False):
+        cfg = tiny_train_config(synth, output_dir=str(tmp_path / str(keep)), keep_host_memory=keep)
+        engine.Trainer(load_config(write_yaml(tmp_path / f"{keep}.yaml", cfg)))
+    assert calls == [1]  # the first run only

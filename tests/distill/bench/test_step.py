@@ -3,6 +3,8 @@ synthetic batch, the phase arithmetic, the timing stand-ins, the variants' disti
 
 import json
 import math
+import os
+import platform
 
 import pytest
 import torch
@@ -179,19 +181,23 @@ def test_compare_eager_times_the_default_options_against_every_option_off(tiny, 
     assert not any(eager["options"][k] for k in ("channels_last", "compile", "fused_optimizer"))
     assert len(default["steps_s"]) == len(eager["steps_s"]) == 2
     assert default["phases_s"]["teacher"] == 0.0 and out["setup"]["teacher"] == "none (plain step)"
+    # each side ran in a process of its own, neither this one, and only the default side kept its freed memory
+    pids = {name: p["pid"] for name, p in out["processes"].items()}
+    assert set(pids) == {"default", "eager"} and len(set(pids.values())) == 2 and os.getpid() not in pids.values()
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert out["processes"]["default"]["host_memory_kept"] == glibc
+    assert out["processes"]["eager"]["host_memory_kept"] is False
     assert cli(argv[:-1]) == 0  # the text report
     text = capsys.readouterr().out
     assert "default / eager:" in text and "compile: not asked" in text
 
 
-def test_compare_eager_pays_the_compilation_before_timing(tiny, monkeypatch):
+def test_compare_eager_pays_the_compilation_before_timing(tiny):
     from distill.bench import step as bench_step
     from distill.speed import SpeedOptions
 
     config, _ = tiny
-    monkeypatch.setattr(bench_step.SpeedOptions, "from_config",
-                        classmethod(lambda cls, cfg: SpeedOptions(compile=True, backend="eager", dynamic=True)))
-    torch._dynamo.reset()
-    out = bench_step.measure_step(load_config(config), batch=1, repeats=1, warmup=0, boxes=3, compare_eager=True)
+    out = bench_step.measure_step(load_config(config), batch=1, repeats=1, warmup=0, boxes=3, compare_eager=True,
+                                  default_options=SpeedOptions(compile=True, backend="eager", dynamic=True))  # fmt: skip
     assert out["compile_s"] > 0 and out["variants"]["default"]["options"]["compile"]
     assert out["ratio_vs_eager"] > 0
