@@ -43,8 +43,9 @@ queries: every query's softmax covers the same keys, about a third of the produc
 
 ``keep_host_memory`` (default on; acts on a CPU device): glibc's allocator keeps the memory a step frees for the
 next one (:func:`keep_freed_host_memory`) instead of handing large blocks back to the kernel and faulting fresh,
-zeroed pages in again: the eager DEIM-D-FINE-S step at 640, batch 2, took ~95,000 page faults a step (~0.4 GB
-touched anew), 10% of its time. The effect torch's own CPU launcher (``python -m torch.backends.xeon.run_cpu``)
+zeroed pages in again: the eager DEIM-D-FINE-S step at 640, batch 2, took 80,000-100,000 page faults a step
+(~0.35 GB touched anew), 10-30% of its time on the 2-core development VM, where a fault is dear (less on bare
+metal). The effect torch's own CPU launcher (``python -m torch.backends.xeon.run_cpu``)
 gets by preloading jemalloc or tcmalloc, without another library. It is a setting of the whole process: the
 process then keeps its peak heap.
 """

@@ -197,7 +197,8 @@ def test_compare_eager_pays_the_compilation_before_timing(tiny):
     from distill.speed import SpeedOptions
 
     config, _ = tiny
+    options = SpeedOptions(compile=True, backend="eager", dynamic=True)
     out = bench_step.measure_step(load_config(config), batch=1, repeats=1, warmup=0, boxes=3, compare_eager=True,
-                                  default_options=SpeedOptions(compile=True, backend="eager", dynamic=True))  # fmt: skip
+                                  default_options=options)  # fmt: skip
     assert out["compile_s"] > 0 and out["variants"]["default"]["options"]["compile"]
     assert out["ratio_vs_eager"] > 0
