@@ -61,7 +61,9 @@ class InTurn:
         try:
             for name, (build, args) in self._contenders.items():
                 parent, child = ctx.Pipe()
-                proc = ctx.Process(target=_serve, args=(child, build, args), name=f"bench-{name}", daemon=True)
+                # not daemonic: a contender may start processes of its own (inductor's compile workers); a child
+                # whose parent is gone ends at its next receive (end of file)
+                proc = ctx.Process(target=_serve, args=(child, build, args), name=f"bench-{name}")
                 proc.start()
                 child.close()
                 self._conns[name], self._procs[name] = parent, proc

@@ -28,8 +28,9 @@ def test_cli_prints_the_workers_per_stage(tmp_path, capsys):
     assert header[:4] == ["stage", "epoch", "img/s", "workers"]
     rows = {line.split()[0]: line.split() for line in lines if line.split() and line.split()[0] in
             ("warmup", "mosaic", "plain", "noaug")}
-    for r in rows.values():
-        assert int(r[3]) == workers_needed(float(r[2]), 1000.0)
+    for r in rows.values():  # the table rounds the rate to 0.1 img/s; the count comes from the exact rate
+        rate = float(r[2])
+        assert workers_needed(rate + 0.05, 1000.0) <= int(r[3]) <= workers_needed(max(rate - 0.05, 1e-3), 1000.0)
     summary = lines[-1]
     assert summary.startswith("workers needed per training process to stay 1.5x ahead of a 1000 img/s step: ")
     assert int(summary.split(": ")[1].split()[0]) == max(int(r[3]) for r in rows.values())
