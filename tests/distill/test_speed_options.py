@@ -364,3 +364,41 @@ def test_the_engine_keeps_host_memory_on_a_cpu_device_when_asked(tmp_path, monke
         cfg = tiny_train_config(synth, output_dir=str(tmp_path / str(keep)), keep_host_memory=keep)
         engine.Trainer(load_config(write_yaml(tmp_path / f"{keep}.yaml", cfg)))
     assert calls == [1]  # the first run only
+
+
+def test_a_distilled_run_compiles_around_its_tap_and_trains_as_eager(tmp_path, monkeypatch, synth_dir,
+                                                                     tiny_train_config, tiny_dinov3_teacher,
+                                                                     write_yaml):  # fmt: skip
+    """The engine with ``compile`` and DSI at F5 (inside the encoder): the backbone compiles whole, the encoder
+    around ``encoder.f5``, the tap's hook fires, and two steps give the eager run's losses (aot_eager: the
+    graphs dynamo captured, without inductor's minutes of code generation); a plain run compiles both whole."""
+    import distill.engine as engine
+
+    synth = synth_dir(train=4, val=2, size=160)
+    teacher = tiny_dinov3_teacher(tmp_path / "teacher")
+    from_config = SpeedOptions.from_config
+    means = {}
+    for compiled in (False, True):
+        if compiled:
+            torch._dynamo.reset()
+            monkeypatch.setattr(SpeedOptions, "from_config",
+                                classmethod(lambda cls, cfg: replace(from_config(cfg), compile=True,
+                                                                     backend="aot_eager")))  # fmt: skip
+        cfg = tiny_train_config(synth, teacher=teacher, output_dir=str(tmp_path / str(compiled)),
+                                max_steps_per_epoch=2)  # fmt: skip
+        trainer = engine.Trainer(load_config(write_yaml(tmp_path / f"{compiled}.yaml", cfg)))
+        regions = trainer.student.compiled_regions
+        if compiled:
+            assert regions[0] == "backbone" and "encoder" not in regions and "encoder.bi_fusion" in regions
+            assert not any("encoder.f5".startswith(r + ".") for r in regions)
+        else:
+            assert regions == ()
+        means[compiled] = trainer.train_one_epoch(0)
+    assert means[True]["loss_distill"] > 0  # the F5 hook fed the distillation loss
+    # without distillation no tap is captured: the encoder compiles whole too
+    cfg = tiny_train_config(synth, output_dir=str(tmp_path / "plain"))
+    plain = engine.Trainer(load_config(write_yaml(tmp_path / "plain.yaml", cfg)))
+    assert plain.student.compiled_regions == ("backbone", "encoder")
+    for key, value in means[False].items():
+        if key.startswith("loss"):
+            assert means[True][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
