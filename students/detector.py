@@ -113,7 +113,7 @@ class Detector(nn.Module):
             self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
             self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.taps: dict[str, Tap] = self._declare_taps()
-        self.compiled_regions: tuple[str, ...] = ()  # set by distill.speed.compile_student
+        self.compiled_regions: tuple[str, ...] = ()  # submodules whose forward is compiled (set by the compiler)
 
     # ---- forward / inference -----------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, targets: list[dict] | None = None) -> dict:
@@ -192,8 +192,8 @@ class Detector(nn.Module):
             region = next((r for r in self.compiled_regions if module.startswith(r + ".")), None)
             if region is not None:
                 raise ValueError(f"tap {name!r} ({module}) lies inside {region!r}, whose forward torch.compile "
-                                 f"compiled for this run: a hook registered now would not fire there. Compile "
-                                 f"with the run's taps (distill.speed.compile_student(..., taps=...))")  # fmt: skip
+                                 f"compiled for this run: a hook registered now would not fire there. Name the "
+                                 f"tap when compiling, so that the compiled regions leave it out")  # fmt: skip
         return TapCapture(self, [self.taps[n] for n in names])
 
     @torch.no_grad()

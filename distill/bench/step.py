@@ -365,14 +365,13 @@ def _phases(spans: dict[str, float], total: float) -> dict[str, float]:
     return out
 
 
-def run_bench(steps: dict[str, TrainStep], images: torch.Tensor | dict[str, torch.Tensor], targets: list[dict],
-              clock: PhaseClock, repeats: int, warmup: int,
+def run_bench(steps: dict[str, TrainStep], images: torch.Tensor, targets: list[dict], clock: PhaseClock,
+              repeats: int, warmup: int,
               progress: Callable[[str], None] | None = None) -> tuple[dict[str, dict], str]:
-    """Interleaved steps of every variant: per variant the per-repeat step seconds (teacher included), phases
-    and peak memory rises; and the kind of memory figure (see :class:`PeakMemory`). ``images``: one batch for
-    every variant, or one per variant (each in its own memory format). ``progress`` gets one line per repeat."""
-    batches = images if isinstance(images, dict) else {name: images for name in steps}
-    device = next(iter(batches.values())).device
+    """Interleaved steps of every variant on one batch: per variant the per-repeat step seconds (teacher
+    included), phases and peak memory rises; and the kind of memory figure (see :class:`PeakMemory`).
+    ``progress`` gets one line per repeat."""
+    device = images.device
     memory = PeakMemory(device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
 
@@ -389,7 +388,7 @@ def run_bench(steps: dict[str, TrainStep], images: torch.Tensor | dict[str, torc
         n: {"total": [], "phases": [], "cpu_total": [], "cpu_phases": [], "memory": []} for n in names
     }
     done: dict[str, str] = {}
-    calls = {n: call(steps[n], batches[n]) for n in names}
+    calls = {n: call(steps[n], images) for n in names}
     for k, sample in enumerate(interleaved(calls, repeats, warmup, sync)):
         if sample.result is None:
             raise RuntimeError(f"bench step: variant {sample.name!r} gave a non-finite loss on the fixed batch")
@@ -410,7 +409,7 @@ def run_bench(steps: dict[str, TrainStep], images: torch.Tensor | dict[str, torc
         steps[name].global_step = 0
         release_free_memory()
         memory.begin()
-        steps[name](batches[name], targets, epoch=0)
+        steps[name](images, targets, epoch=0)
         if sync is not None:
             sync()
         samples[name]["memory"].append(memory.end())
