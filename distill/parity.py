@@ -11,7 +11,8 @@ pretrained=path)``) and compares, on the same inputs and random draws:
 * every loss term of the official criterion against ours, with and without denoising, before and at DEIMv2's
   matcher switch (``matcher_change_epoch``);
 * the gradients of the summed loss, parameter by parameter;
-* the training step time (forward, criterion, backward, clipping, AdamW), interleaved repeats, medians.
+* the training step time (forward, criterion, backward, clipping, AdamW), interleaved repeats, medians; each side
+  in a process of its own (:class:`_TimedSide`), so a setting of the whole process one side makes reaches only it.
 
 The official code expects CUDA, tensorboard and calflops and downloads pretrained backbones. The stand-ins that
 make it run here (:class:`StandIn`) are applied only inside :class:`OfficialSession`, undone on exit, and
@@ -31,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import types
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -492,7 +494,6 @@ class _Pair:
     our_criterion: nn.Module
     official_input: Callable[[torch.Tensor], torch.Tensor]
     our_input: Callable[[torch.Tensor], torch.Tensor] = lambda x: x  # noqa: E731
-    our_adamw: dict = field(default_factory=dict)  # the timed steps' AdamW kernel on our side (distill.speed)
     grad_tolerance_factor: float = GRAD_TOLERANCE_FACTOR
 
     def forward(self, which: str, images: torch.Tensor, targets: list[dict] | None, denoising: bool = True) -> dict:
@@ -590,44 +591,92 @@ def _compare_grads(rows: list[Row], official: nn.Module, ours: nn.Module, tolera
                     diff <= factor * tolerance and not one_sided, note))
 
 
-def _train_step(pair: _Pair, which: str, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-                targets: list[dict]) -> None:
-    """One training step as the official loop does it (without AMP and EMA): forward, criterion, backward,
-    clipping at 0.1, optimizer step."""
-    model = pair.official if which == "official" else pair.ours
-    optimizer.zero_grad(set_to_none=True)
-    outputs = pair.forward(which, images, targets)
-    total = sum(pair.losses(which, outputs, targets, 0).values())
-    total.backward()
-    nn.utils.clip_grad_norm_(model.parameters(), 0.1)
-    optimizer.step()
+class _TimedSide:
+    """One side of the step timing in a process of its own (:class:`distill.bench.processes.InTurn`): the official
+    model (imported from the checkout inside an :class:`OfficialSession`, as the official code runs) or ours (with
+    ``speed_options``, as the engine trains it, the allocator's :func:`distill.speed.keep_freed_host_memory`
+    included: a setting of the whole process, which in one process would reach the official side too). Both load
+    the weights file the comparisons ran on. :meth:`step` is one training step as the official loop does it
+    (without AMP and EMA): forward, criterion, backward, clipping at 0.1, AdamW; it answers its own wall and CPU
+    seconds."""
+
+    def __init__(self, which: str, root: str, config: str, student: str, num_classes: int, resized: dict,
+                 weights: str, speed_options: bool, images: torch.Tensor, targets: list[dict], device: str,
+                 threads: int) -> None:  # fmt: skip
+        torch.set_num_threads(threads)
+        self.device = torch.device(device)
+        state = torch.load(weights, map_location="cpu", weights_only=True)["model"]
+        self.quiet: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+        adamw: dict = {}
+        kept = False
+        if which == "official":
+            session = OfficialSession(find_checkout(root), self.device)
+            session.__enter__()  # for the life of this process: the official modules import from the checkout
+            self.quiet = session.quiet
+            cfg = session.yaml_config(config, num_classes=num_classes, **resized)
+            with session.quiet():
+                model, criterion = cfg.model, cfg.criterion
+            model.load_state_dict(state)
+            normalise = official_normalisation(cfg.yaml_cfg) or (lambda x: x)
+            metas = {"epoch": 0, "step": 0, "global_step": 0, "epoch_step": 1}
+            self.forward = lambda images, targets: model(normalise(images), targets)
+            self.losses = lambda outputs, targets: criterion(outputs, targets, **metas)
+        else:
+            from students import build_student
+            from students.criterion import build_criterion
+
+            from .speed import SpeedOptions, batch_to, keep_freed_host_memory, optimizer_kwargs, prepare_student
+
+            model = build_student(student, num_classes=num_classes, pretrained=weights,
+                                  input_size=tuple(resized["eval_spatial_size"]) if resized else None)  # fmt: skip
+            criterion = build_criterion(student, num_classes=num_classes)
+            options = SpeedOptions() if speed_options else SpeedOptions.off()
+            if speed_options:
+                prepare_student(model, options)
+                adamw = optimizer_kwargs(options, self.device)
+                kept = self.device.type == "cpu" and keep_freed_host_memory()
+            self.forward = lambda images, targets: model(batch_to(images, options), targets)
+            self.losses = lambda outputs, targets: criterion(outputs, targets, 0)
+        self.model = model.to(self.device).train()
+        criterion.to(self.device)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, **adamw)
+        self.images = images.to(self.device)
+        self.targets = [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        self.done = 0
+        self.info = {"host_memory_kept": kept, "threads": torch.get_num_threads(), "adamw": adamw}
+
+    def step(self) -> tuple[float, float]:
+        torch.manual_seed(1000 + self.done)  # the n-th step of each side draws the same denoising noise
+        self.done += 1
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        with self.quiet():
+            self.optimizer.zero_grad(set_to_none=True)
+            total = sum(self.losses(self.forward(self.images, self.targets), self.targets).values())
+            total.backward()
+            nn.utils.clip_grad_norm_(self.model.parameters(), 0.1)
+            self.optimizer.step()
+        sync()
+        return time.perf_counter() - start, time.process_time() - cpu_start
 
 
-def _time_steps(pair: _Pair, images: torch.Tensor, targets: list[dict], repeats: int, warmup: int,
-                device: torch.device) -> dict[str, Any]:
-    """Training steps of both sides through :func:`distill.bench.timing.interleaved` (the order rotates every
-    repeat), medians and spreads of wall and CPU time."""
+def _time_steps(sides: dict[str, tuple], repeats: int, warmup: int) -> dict[str, Any]:
+    """Training steps of both sides, each :class:`_TimedSide` (``sides``: name -> its arguments) in its own process,
+    asked in turn in :func:`distill.bench.timing.interleaved` order (rotating every repeat); medians and spreads of
+    the wall and CPU times each side measured itself."""
+    from distill.bench.processes import InTurn
     from distill.bench.timing import interleaved, spread
 
-    models = {"official": pair.official, "ours": pair.ours}
-    kernels = {"official": {}, "ours": pair.our_adamw}
-    optimizers = {w: torch.optim.AdamW(models[w].parameters(), lr=1e-5, **kernels[w]) for w in models}
-    done = {"official": 0, "ours": 0}
-
-    def step(which: str) -> Callable[[], None]:
-        def call() -> None:
-            torch.manual_seed(1000 + done[which])  # the n-th step of each side draws the same denoising noise
-            done[which] += 1
-            _train_step(pair, which, optimizers[which], images, targets)
-
-        return call
-
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
-    times: dict[str, list[tuple[float, float]]] = {"official": [], "ours": []}
-    for sample in interleaved({w: step(w) for w in times}, repeats, warmup, sync):
-        if not sample.warmup:
-            times[sample.name].append((sample.wall_s, sample.cpu_s))
-    result: dict[str, Any] = {"repeats": repeats, "warmup": warmup}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}
+    with InTurn({name: (_TimedSide, args) for name, args in sides.items()}) as turn:
+        calls = {name: (lambda name=name: turn.call(name, "step")) for name in sides}
+        for sample in interleaved(calls, repeats, warmup):
+            if not sample.warmup:
+                times[sample.name].append(sample.result)
+        info = turn.info
+    result: dict[str, Any] = {"repeats": repeats, "warmup": warmup, "processes": {
+        name: {k: info[name][k] for k in ("pid", "host_memory_kept", "threads")} for name in sides}}
     for which, values in times.items():
         wall, cpu = [w for w, _ in values], [c for _, c in values]
         result[which] = {"wall_s": wall, "cpu_s": cpu, "median_wall_s": statistics.median(wall),
@@ -658,11 +707,12 @@ def run_parity(
     """Build ``student`` from the checkout's YAML, load its weights into ours, compare; see the module docstring.
 
     input_size: (H, W), default the scale's own; noise: std of the perturbation added to the official random
-    init (:func:`perturb_`); repeats / warmup: timed / untimed interleaved training steps (``time_steps=False``
-    skips timing); speed_options: our side as the engine trains it, with the default
-    :class:`distill.speed.SpeedOptions` (channels-last weights and batch, fused AdamW, the decoder's reorderings),
-    compared and timed against the official code as it is; off, our side is the plain student in NCHW with the
-    official AdamW kernel (the decoder reorderings are the modules' defaults either way).
+    init (:func:`perturb_`); repeats / warmup: timed / untimed interleaved training steps, each side in a process
+    of its own (``time_steps=False`` skips timing); speed_options: our side as the engine trains it, with the
+    default :class:`distill.speed.SpeedOptions` (channels-last weights and batch, fused AdamW, the decoder's
+    reorderings; in the timing process also ``keep_host_memory``), compared and timed against the official code as
+    it is; off, our side is the plain student in NCHW with the official AdamW kernel (the decoder reorderings are
+    the modules' defaults either way).
     """
     from students import build_student, get_spec
     from students.criterion import build_criterion
@@ -693,12 +743,11 @@ def run_parity(
         normalise = official_normalisation(cfg.yaml_cfg)
         pair = _Pair(official, ours, official_criterion, our_criterion, normalise or (lambda x: x))
         if speed_options:
-            from .speed import SpeedOptions, batch_to, optimizer_kwargs, prepare_student
+            from .speed import SpeedOptions, batch_to, prepare_student
 
             options = SpeedOptions()
             prepare_student(ours, options)
             pair.our_input = lambda x: batch_to(x, options)
-            pair.our_adamw = optimizer_kwargs(options, device)
             pair.grad_tolerance_factor = SPEED_GRAD_TOLERANCE_FACTOR
         images, targets = synthetic_batch(batch, size, num_classes, seed, device)
         set_aside = sorted(k for k in official.state_dict() if k not in ours.state_dict())
@@ -713,8 +762,10 @@ def run_parity(
                    "our_input": "images in [0, 1]" + (", normalised inside the model" if spec.normalize_input
                                                       else ""),
                    "seed": seed, "num_classes": num_classes, "device": str(device),
-                   "our_speed_options": "the defaults (channels-last, fused AdamW)" if speed_options else
-                                        "none (NCHW, the official AdamW kernel)",
+                   "our_speed_options": "the defaults (channels-last, fused AdamW, the decoder's reorderings; "
+                                        "the allocator's keep_host_memory in the timing process)" if speed_options
+                                        else "none (NCHW, the official AdamW kernel)",
+                   "timing": "each side in a process of its own, asked in turn (interleaved)",
                    "gradient_tolerance": pair.grad_tolerance_factor * tolerance,
                    "threads": torch.get_num_threads(),
                    "weights": f"official init + N(0, {noise:g}^2) on every parameter, BN statistics randomised; "
@@ -725,8 +776,11 @@ def run_parity(
         rows = report.rows
         with session.quiet():
             _run_comparisons(pair, images, targets, rows, report, tolerance)
-            if time_steps and repeats > 0:
-                report.timing = _time_steps(pair, images, targets, repeats, warmup, device)
+        if time_steps and repeats > 0:
+            common = (str(checkout.root), config, student, num_classes, resized, str(path), speed_options,
+                      images.cpu(), [{k: v.cpu() if torch.is_tensor(v) else v for k, v in t.items()} for t in targets],
+                      str(device), torch.get_num_threads())  # fmt: skip
+            report.timing = _time_steps({w: (w, *common) for w in ("official", "ours")}, repeats, warmup)
         if report.timing:
             t = report.timing
             for clock, key in (("wall", "wall"), ("CPU", "cpu")):

@@ -31,9 +31,11 @@ Every variant runs with the config's speed options (:mod:`distill.speed`: channe
 ``torch.compile`` when the config asks), as the engine would. ``--compare-eager`` times something else: the plain
 step twice, over two students with the same weights, ``default`` with those options and ``eager`` with every
 option off (the eager fp32 step before them), interleaved; ``ratio_vs_eager`` = default / eager (medians), and
-the compilation, paid once before the timed steps, is reported apart (``compile_s``). The two sides run each in
-a process of its own, one at a time (:mod:`distill.bench.processes`): some options set the whole process (the
-allocator's ``keep_host_memory``, compiled code), and in one process the eager side would share them.
+the compilation, paid once before the timed steps, is reported apart (``compile_s``). ``--with-compile`` adds a
+third side, ``compiled`` (the default options with ``compile`` on), interleaved with the other two, so whether
+compiling pays is one ratio of one run (``ratio_compiled_vs_default``). The sides run each in a process of its own,
+one at a time (:mod:`distill.bench.processes`): some options set the whole process (the allocator's
+``keep_host_memory``, compiled code), and in one process the eager side would share them.
 
 On CPU every figure is also given in process CPU time (``cpu``). Peak memory is the rise over one extra, untimed
 step per variant (:class:`distill.bench.timing.PeakMemory`). The variants share one student, EMA and teacher, so
@@ -72,12 +74,14 @@ from distill.speed import (
 from .processes import InTurn
 from .timing import PeakMemory, PhaseClock, interleaved, release_free_memory, spread
 
-__all__ = ["COMPARE", "PHASES", "VARIANTS", "StepContender", "build_variants", "default_distill", "measure_step",
-           "random_teacher_dir", "run_bench", "run_compare", "summarise", "summarise_compare",
+__all__ = ["COMPILED", "PHASES", "VARIANTS", "StepContender", "build_variants", "default_distill",
+           "measure_step", "random_teacher_dir", "run_bench", "run_compare", "summarise", "summarise_compare",
            "synthetic_batch"]  # fmt: skip
 
 VARIANTS = ("plain", "dsi", "dsi_gam")
-COMPARE = ("default", "eager")  # --compare-eager: the config's speed options, and every option off
+# --compare-eager times "default" (the config's speed options) against "eager" (every option off); --with-compile
+# adds a third side, the default side's options with compile on
+COMPILED = "compiled"
 # Reported phases, in step order. 'forward' is the student alone, 'dsi' the projectors, alignment losses and
 # their weighting; 'other' is what the step does between the timed calls (the finite-loss check, set_lr, ...).
 PHASES = ("forward", "dsi", "criterion", "backward", "clip", "gam", "optimizer", "ema", "other")
@@ -474,13 +478,25 @@ def summarise_compare(samples: dict, batch: int, memory_kind: str, compile_s: fl
                       options: dict[str, SpeedOptions]) -> dict[str, Any]:
     """``--compare-eager``: per variant the medians and phases (wall; CPU time under ``cpu`` on a CPU), and
     ``ratio_vs_eager`` = default step / eager step (medians); ``paired_ratio``, the median of the per-repeat
-    ratios of the two steps run back to back, is steadier against drifts of the machine."""
+    ratios of the two steps run back to back, is steadier against drifts of the machine. With a ``compiled``
+    side (``--with-compile``) also ``ratio_compiled_vs_eager`` and ``ratio_compiled_vs_default`` (and their
+    ``paired_`` medians)."""
+
+    names = list(options)
 
     def compare(totals: str, phases: str) -> dict[str, Any]:
-        v = {n: _clock_summary(samples[n][totals], samples[n][phases]) for n in COMPARE}
-        paired = [d / e for d, e in zip(v["default"]["steps_s"], v["eager"]["steps_s"])]
-        return {"variants": v, "ratio_vs_eager": v["default"]["step_s"] / v["eager"]["step_s"],
-                "paired_ratio": statistics.median(paired), "spread": {n: spread(v[n]["steps_s"]) for n in COMPARE}}
+        v = {n: _clock_summary(samples[n][totals], samples[n][phases]) for n in names}
+
+        def ratios(a: str, b: str) -> tuple[float, float]:
+            paired = [x / y for x, y in zip(v[a]["steps_s"], v[b]["steps_s"])]
+            return v[a]["step_s"] / v[b]["step_s"], statistics.median(paired)
+
+        out = {"variants": v, "spread": {n: spread(v[n]["steps_s"]) for n in names}}
+        out["ratio_vs_eager"], out["paired_ratio"] = ratios("default", "eager")
+        if COMPILED in v:
+            out["ratio_compiled_vs_eager"], out["paired_compiled_vs_eager"] = ratios(COMPILED, "eager")
+            out["ratio_compiled_vs_default"], out["paired_compiled_vs_default"] = ratios(COMPILED, "default")
+        return out
 
     out = compare("total", "phases")
     for n, v in out["variants"].items():
@@ -489,14 +505,14 @@ def summarise_compare(samples: dict, batch: int, memory_kind: str, compile_s: fl
         v["options"] = asdict(options[n])
         v["page_faults"] = statistics.median(samples[n]["page_faults"]) if samples[n].get("page_faults") else None
     out.update(mode="compare_eager", compile_s=compile_s, memory_kind=memory_kind, cpu=None)
-    if all(samples[n]["cpu_total"] for n in COMPARE):
+    if all(samples[n]["cpu_total"] for n in names):
         out["cpu"] = compare("cpu_total", "cpu_phases")
     return out
 
 
 def measure_step(cfg: TrainConfig, *, batch: int = 2, size: int = 0, repeats: int = 5, warmup: int = 1,
                  boxes: int = 8, num_classes: int = 0, teacher: str = "", teacher_dim: int = DEFAULT_TEACHER_DIM,
-                 real: bool = False, seed: int = 0, compare_eager: bool = False,
+                 real: bool = False, seed: int = 0, compare_eager: bool = False, with_compile: bool = False,
                  default_options: SpeedOptions | None = None,
                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The whole benchmark for a loaded training config: :func:`summarise`'s figures (with ``compare_eager``:
@@ -506,10 +522,13 @@ def measure_step(cfg: TrainConfig, *, batch: int = 2, size: int = 0, repeats: in
     ``real``: the dataset's); ``teacher`` replaces the config's teachers; without it and without distillation
     in the config, a random one-layer DINOv3 ViT of width ``teacher_dim`` is the teacher (``compare_eager`` times
     the plain step alone: no teacher, and each side in its own process: :func:`run_compare`);
-    ``default_options`` replaces the config's options on the default side.
+    ``default_options`` replaces the config's options on the default side; ``with_compile`` (with
+    ``compare_eager``) adds a third side, ``compiled``: the default side's options with ``compile`` on.
     """
     if batch < 1 or repeats < 1 or warmup < 0:
         raise UserError(f"--batch and --repeats must be >= 1 and --warmup >= 0; got {batch}, {repeats}, {warmup}")
+    if with_compile and not compare_eager:
+        raise UserError("--with-compile adds a side to --compare-eager; give both")
     size = size or cfg.data.img_size
     if size % 32:
         raise UserError(f"--size must be a multiple of 32 (the students' largest stride), got {size}")
@@ -534,13 +553,18 @@ def measure_step(cfg: TrainConfig, *, batch: int = 2, size: int = 0, repeats: in
         if num_classes:
             classes = num_classes
         if compare_eager:
-            options = {"default": default_options or SpeedOptions.from_config(cfg), "eager": SpeedOptions.off()}
+            default = default_options or SpeedOptions.from_config(cfg)
+            if with_compile and default.compile:
+                raise UserError("--with-compile: the default side already compiles (compile: true in the config); "
+                                "drop one of them")  # fmt: skip
+            options = {"default": default, **({COMPILED: replace(default, compile=True)} if with_compile else {}),
+                       "eager": SpeedOptions.off()}  # fmt: skip
             threads = torch.get_num_threads()
             samples, info = run_compare({name: (cfg, opts, classes, size, batch, images, targets, threads)
                                          for name, opts in options.items()}, repeats, warmup, progress)  # fmt: skip
             device, precision = info["default"]["device"], info["default"]["precision"]
-            result = summarise_compare(samples, batch, info["default"]["memory_kind"], info["default"]["compile_s"],
-                                       options)  # fmt: skip
+            compile_s = next((info[n]["compile_s"] for n in options if info[n]["compile_s"] is not None), None)
+            result = summarise_compare(samples, batch, info["default"]["memory_kind"], compile_s, options)
             result["processes"] = {name: {k: info[name][k] for k in ("pid", "host_memory_kept", "threads")}
                                    for name in options}  # fmt: skip
         else:

@@ -90,6 +90,9 @@ def step_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare-eager", action="store_true",
                         help="time the plain step with the config's speed options against every option off (the "
                              "eager fp32 step), interleaved; prints their ratio (JSON: ratio_vs_eager)")
+    parser.add_argument("--with-compile", action="store_true",
+                        help="with --compare-eager: a third side, the config's options with compile on, interleaved "
+                             "with the other two (JSON: ratio_compiled_vs_eager, ratio_compiled_vs_default)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -151,13 +154,13 @@ def _options(options: dict[str, Any]) -> str:
 
 
 def compare_report(result: dict[str, Any]) -> str:
-    """``--compare-eager``: the two variants, their ratio and the compile time."""
-    from distill.bench.step import COMPARE, PHASES
+    """``--compare-eager``: the variants (two, or three ``--with-compile``), their ratios and the compile time."""
+    from distill.bench.step import COMPILED, PHASES
 
     info = result["setup"]
     rows = [[name, _options(v["options"]), f"{v['step_s']:.4f}", f"{v['images_per_s']:.2f}",
              f"{v['peak_memory_mb']:.0f}", *(f"{v['phases_s'][p]:.3f}" for p in PHASES if p not in ("dsi", "gam"))]
-            for name, v in ((n, result["variants"][n]) for n in COMPARE)]  # fmt: skip
+            for name, v in result["variants"].items()]  # fmt: skip
     compile_s = result["compile_s"]
     lines = [
         f"plain train step of {info['student']} ({info['num_classes']} classes), batch {info['batch']} at "
@@ -171,6 +174,9 @@ def compare_report(result: dict[str, Any]) -> str:
         "",
         f"default / eager: {result['ratio_vs_eager']:.3f} (ratio of medians); {result['paired_ratio']:.3f} "
         f"(median of the per-repeat ratios); spread of the eager step {_percent(result['spread']['eager'])}",
+        *([f"compiled / eager: {result['ratio_compiled_vs_eager']:.3f} (paired {result['paired_compiled_vs_eager']:.3f}"
+           f"); compiled / default: {result['ratio_compiled_vs_default']:.3f} (paired "
+           f"{result['paired_compiled_vs_default']:.3f})"] if COMPILED in result["variants"] else []),
         "each side in its own process, run in turn; freed host memory kept (keep_host_memory): "
         + ", ".join(f"{n} {'yes' if p['host_memory_kept'] else 'no'} ({result['variants'][n]['page_faults']:.0f} page "
                     f"faults a step)" for n, p in result["processes"].items()),  # fmt: skip
@@ -179,9 +185,10 @@ def compare_report(result: dict[str, Any]) -> str:
     ]
     cpu = result.get("cpu")
     if cpu:
-        lines.append(f"in process CPU time: default {cpu['variants']['default']['step_s']:.4f} s, eager "
-                     f"{cpu['variants']['eager']['step_s']:.4f} s, ratio {cpu['ratio_vs_eager']:.3f} (paired "
-                     f"{cpu['paired_ratio']:.3f})")  # fmt: skip
+        steps = ", ".join(f"{n} {v['step_s']:.4f} s" for n, v in cpu["variants"].items())
+        lines.append(f"in process CPU time: {steps}; default / eager {cpu['ratio_vs_eager']:.3f} (paired "
+                     f"{cpu['paired_ratio']:.3f})" + (f", compiled / eager {cpu['ratio_compiled_vs_eager']:.3f}"
+                                                      if COMPILED in cpu["variants"] else ""))  # fmt: skip
     return "\n".join(lines)
 
 
@@ -197,7 +204,7 @@ def step(args: argparse.Namespace) -> int:
     result = measure_step(
         cfg, batch=args.batch, size=args.size, repeats=args.repeats, warmup=args.warmup, boxes=args.boxes,
         num_classes=args.num_classes, teacher=args.teacher, teacher_dim=args.teacher_dim, real=args.real,
-        seed=args.seed, compare_eager=args.compare_eager, progress=_progress,
+        seed=args.seed, compare_eager=args.compare_eager, with_compile=args.with_compile, progress=_progress,
     )  # fmt: skip
     result["setup"] = {"config": args.config, "overrides": list(args.overrides), **result["setup"]}
     report = compare_report if args.compare_eager else step_report

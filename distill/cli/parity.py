@@ -40,7 +40,8 @@ def parity_arguments(parser: argparse.ArgumentParser) -> None:
                              "steadier step times: idle-spinning threads of a busy core distort multi-thread runs")
     parser.add_argument("--speed-options", action="store_true",
                         help="our side as the engine trains it: the default speed options (channels-last weights "
-                             "and batch, fused AdamW); the official side as its code runs")
+                             "and batch, fused AdamW, the decoder's reorderings, the allocator's keep_host_memory); "
+                             "the official side as its code runs. Each side's steps are timed in a process of its own")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--golden", metavar="DIR",
                         help="instead of comparing: write this checkout's golden decoder and criterion outputs and "
@@ -68,6 +69,8 @@ def report_text(report) -> str:
         f"{setup['num_classes']} classes, {setup['device']}, {setup['threads']} thread(s)",
         f"  inputs: official {setup['official_input']}; ours {setup['our_input']}",
         f"  weights: {setup['weights']}",
+        f"  our speed options: {setup['our_speed_options']}",
+        *([f"  step timing: {setup['timing']}"] if report.timing else []),
         "  stand-ins the official code needs here (applied inside this command only):",
         *(f"    - {x}" for x in report.standins),
         "",

@@ -5,6 +5,8 @@ the real comparison against it and a regeneration of the golden test data."""
 from __future__ import annotations
 
 import json
+import os
+import platform
 import sys
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import torch
 
 from distill import parity
 from distill.cli import main as cli
+from distill.cli.parity import report_text
 from distill.errors import MissingPathError, UserError
 from distill.parity import (
     ENV_VARS,
@@ -190,6 +193,14 @@ def test_parity_against_the_official_code(kind, student, speed):
     checks = [r.check for r in report.rows]
     assert any(c.startswith("outputs deploy") for c in checks) and any(c.startswith("gradients") for c in checks)
     assert any(c.startswith("loss total [no dn") for c in checks) and any(c.startswith("step time") for c in checks)
+    # each side timed in a process of its own; the allocator setting reaches our side only, and only with the options
+    processes = report.timing["processes"]
+    pids = {processes[w]["pid"] for w in ("official", "ours")}
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert not processes["official"]["host_memory_kept"]
+    assert processes["ours"]["host_memory_kept"] == (speed and platform.libc_ver()[0] == "glibc")
+    text = report_text(report)
+    assert "step timing: each side in a process of its own" in text and "step time, wall s" in text
     if student.startswith("deimv2"):  # one epoch before and the epoch of the matcher switch
         assert {c for c in checks if c.startswith("loss total")} == {
             "loss total [dn, epoch 449]", "loss total [dn, epoch 450]", "loss total [no dn, epoch 449]",

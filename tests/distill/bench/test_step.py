@@ -24,8 +24,10 @@ from distill.bench.step import (
 )
 from distill.bench.timing import PhaseClock
 from distill.cli import main as cli
+from distill.cli.bench import compare_report
 from distill.config import load_config
 from distill.data.synth import make_synth
+from distill.errors import UserError
 
 REQUIRED = ("plain_s", "dsi_s", "dsi_gam_s", "teacher_s", "dsi_overhead", "gam_overhead")
 
@@ -190,6 +192,35 @@ def test_compare_eager_times_the_default_options_against_every_option_off(tiny, 
     assert cli(argv[:-1]) == 0  # the text report
     text = capsys.readouterr().out
     assert "default / eager:" in text and "compile: not asked" in text
+
+
+def test_with_compile_adds_a_compiled_side_interleaved_with_the_other_two(tiny, capsys):
+    from distill.bench import step as bench_step
+    from distill.speed import SpeedOptions
+
+    config, _ = tiny
+    # the eager backend: dynamo traces and guards as with inductor, without generating C++ (seconds, not minutes)
+    default = SpeedOptions(backend="eager", dynamic=True)
+    out = bench_step.measure_step(load_config(config), batch=1, repeats=2, warmup=0, boxes=3, compare_eager=True,
+                                  with_compile=True, default_options=default)  # fmt: skip
+    v = out["variants"]
+    assert list(v) == ["default", "compiled", "eager"]
+    assert v["compiled"]["options"] == {**v["default"]["options"], "compile": True}
+    assert not v["default"]["options"]["compile"] and out["compile_s"] > 0
+    assert out["ratio_compiled_vs_eager"] == pytest.approx(v["compiled"]["step_s"] / v["eager"]["step_s"], rel=1e-9)
+    assert out["ratio_compiled_vs_default"] == pytest.approx(v["compiled"]["step_s"] / v["default"]["step_s"],
+                                                             rel=1e-9)  # fmt: skip
+    assert out["ratio_vs_eager"] == pytest.approx(v["default"]["step_s"] / v["eager"]["step_s"], rel=1e-9)
+    assert len({p["pid"] for p in out["processes"].values()}) == 3 and len(v["compiled"]["steps_s"]) == 2
+    out["setup"] = {"config": config, "overrides": [], **out["setup"]}
+    text = compare_report(out)
+    assert "compiled / eager:" in text and "compiled / default:" in text and "compile: " in text
+    # a compiled default side leaves nothing to add; without --compare-eager there is nothing to add to
+    with pytest.raises(UserError, match="already compiles"):
+        bench_step.measure_step(load_config(config), batch=1, repeats=1, warmup=0, compare_eager=True,
+                                with_compile=True, default_options=SpeedOptions(compile=True))  # fmt: skip
+    with pytest.raises(UserError, match="--compare-eager"):
+        bench_step.measure_step(load_config(config), batch=1, repeats=1, warmup=0, with_compile=True)
 
 
 def test_compare_eager_pays_the_compilation_before_timing(tiny):
