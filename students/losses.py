@@ -57,16 +57,22 @@ def paired_generalized_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> to
     """
     iou, union = _paired_iou_union(boxes1, boxes2)
     enclosing = (torch.maximum(boxes1[:, 2:], boxes2[:, 2:]) - torch.minimum(boxes1[:, :2], boxes2[:, :2]))
-    enclosing = enclosing.clamp(min=0).prod(-1)
+    enclosing = _area(enclosing.clamp(min=0))
     return iou - (enclosing - union) / enclosing
+
+
+def _area(wh: torch.Tensor) -> torch.Tensor:
+    """w * h of N x 2 sizes. Not ``wh.prod(-1)``: the same number, but torch's backward of ``prod`` counts the
+    input's zeros with a host read (a CUDA sync per call) to choose between its two formulas."""
+    return wh[:, 0] * wh[:, 1]
 
 
 def _paired_iou_union(boxes1: torch.Tensor, boxes2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     top_left = torch.maximum(boxes1[:, :2], boxes2[:, :2])
     bottom_right = torch.minimum(boxes1[:, 2:], boxes2[:, 2:])
-    inter = (bottom_right - top_left).clamp(min=0).prod(-1)
-    area1 = (boxes1[:, 2:] - boxes1[:, :2]).prod(-1)
-    area2 = (boxes2[:, 2:] - boxes2[:, :2]).prod(-1)
+    inter = _area((bottom_right - top_left).clamp(min=0))
+    area1 = _area(boxes1[:, 2:] - boxes1[:, :2])
+    area2 = _area(boxes2[:, 2:] - boxes2[:, :2])
     union = area1 + area2 - inter
     return inter / union, union
 

@@ -303,6 +303,45 @@ def test_one_training_step_moves_data_only_where_it_must(student_name, size, tea
     assert got == ALLOWED, "transfers of one step:\n" + "\n".join(map(str, counter.events))
 
 
+# Autograd nodes whose CUDA backward reads a device scalar (a sync the counter above cannot see: the backward runs
+# in C++). PyTorch's prod_backward counts the input's zeros with .item() (or .nonzero()) to choose its formula: on
+# the lent GPU the step's 27 backward syncs were its 27 box-area products (a `.prod(-1)` over two numbers).
+SYNCING_BACKWARD_NODES = {"ProdBackward0", "ProdBackward1"}
+SYNCING_OPS = {"nonzero", "_local_scalar_dense", "masked_select", "_unique2", "unique_consecutive", "bincount"}
+
+
+class BackwardOps(TorchDispatchMode):
+    """The (autograd node, aten op) pairs a backward pass runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        node = torch._C._current_autograd_node()
+        if node is not None:
+            self.seen[node.name(), func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("student_name,size", [("deim_dfine_n", 256), ("deimv2_atto", 160)])
+def test_the_backward_of_a_training_step_reads_no_device_scalar(student_name, size, teacher_dir):
+    step, images, targets = _train_step(student_name, size, teacher_dir)
+    with BackwardOps() as ops:
+        step(images, targets, epoch=0)
+    nodes = {node for node, _ in ops.seen}
+    assert {"ConvolutionBackward0", "GridSampler2DBackward0"} <= nodes  # the mode saw the backward
+    syncing = {k: n for k, n in ops.seen.items() if k[0] in SYNCING_BACKWARD_NODES or k[1] in SYNCING_OPS}
+    assert not syncing, syncing
+
+
+def test_backward_ops_sees_a_syncing_node():
+    x = torch.rand(5, 2, requires_grad=True)
+    with BackwardOps() as ops:
+        x.prod(-1).sum().backward()
+    assert any(node in SYNCING_BACKWARD_NODES for node, _ in ops.seen)
+
+
 @pytest.mark.parametrize("method", ["default", "discrete"])
 def test_deformable_sampling_moves_nothing(method):
     from students.decoder_blocks import deformable_attention_core
