@@ -676,7 +676,7 @@ def _time_steps(sides: dict[str, tuple], repeats: int, warmup: int) -> dict[str,
                 times[sample.name].append(sample.result)
         info = turn.info
     result: dict[str, Any] = {"repeats": repeats, "warmup": warmup, "processes": {
-        name: {k: info[name][k] for k in ("pid", "host_memory_kept", "threads")} for name in sides}}
+        name: {k: info[name][k] for k in ("pid", "host_memory_kept", "threads", "adamw")} for name in sides}}
     for which, values in times.items():
         wall, cpu = [w for w, _ in values], [c for _, c in values]
         result[which] = {"wall_s": wall, "cpu_s": cpu, "median_wall_s": statistics.median(wall),
