@@ -29,7 +29,9 @@ JSON file is rewritten after every section, so a run cut short keeps what it had
    ``bench_variants``: plain / DSI / DSI+GAM of DEIM-D-FINE-S), ``distill bench teacher`` (fp32 / bf16, the
    ``match`` policy at 640), ``distill bench infer`` (PyTorch, and ONNX Runtime's CUDA provider when present).
 7. ``quickstart``: ``distill train experiments/quickstart.yaml`` (on a GPU 8 of its 36 epochs) to its end in a
-   temporary directory, then ``distill eval`` and ``distill export`` of the result.
+   temporary directory, then ``distill eval`` and ``distill export`` of the result. Then, on a GPU and only while
+   the budget leaves the tests 3 minutes, ``bench_compile``: whether ``compile`` works on CUDA at all and pays
+   (DEIMv2-Atto at 320, defaults / compiled / eager interleaved, ``--with-compile``).
 8. ``tests``: ``python -m pytest -q -n WORKERS`` over the whole suite (tests marked ``cuda`` run too), with the
    time left of the 8-minute budget; pass / fail / skip counts and the failing test ids.
 
@@ -100,6 +102,8 @@ ROOT = Path(__file__).resolve().parent.parent
 NO_CUDA = {"skipped": "no CUDA device"}
 PROJECT_PACKAGES = ("distill", "students", "teachers")
 BUDGET_S = 8 * 60  # the whole GPU run; the test suite gets what the other sections left
+COMPILE_TIMEOUT_S = 180  # bench_compile runs only when this plus the tests' reserve is left
+TESTS_RESERVE_S = 180
 GAM_RTOL = 1e-5  # float32 L1 norms summed in another order on the GPU than on the CPU
 STACK = ("torch", "torchvision", "transformers", "accelerate", "timm", "huggingface_hub", "safetensors", "numpy",
          "onnx", "onnxruntime", "onnxruntime-gpu", "pycocotools", "faster-coco-eval", "submitit", "tensorboard",
@@ -126,6 +130,7 @@ class Plan:
     precisions: tuple[str, ...] = ("bf16", "fp16")
     bench_step: list[str] = field(default_factory=list)
     bench_variants: list[str] = field(default_factory=list)  # empty: not run (bench_step covers the variants)
+    bench_compile: list[str] = field(default_factory=list)  # empty: not run
     bench_teacher: list[str] = field(default_factory=list)
     bench_infer: list[str] = field(default_factory=list)
     quickstart: list[str] = field(default_factory=list)
@@ -150,6 +155,9 @@ def gpu_plan() -> Plan:
         # loaders must feed
         bench_variants=["experiments/students/deim_dfine_s.yaml", "mixed_precision=bf16", "--batch", "16", "--size",
                         "640", "--repeats", "3", "--warmup", "1", "--teacher", "{teacher}", "--json"],
+        # whether compile works on CUDA at all, and pays: a small student keeps the compilation short
+        bench_compile=["experiments/students/deimv2_atto.yaml", "mixed_precision=bf16", "--batch", "16", "--size",
+                       "320", "--repeats", "3", "--warmup", "1", "--compare-eager", "--with-compile", "--json"],
         bench_teacher=["{teacher}", "--student-size", "640", "--batch", "16", "--repeats", "5", "--policies",
                        "match", "--precisions", "fp32", "bf16", "--device", "cuda", "--json"],
         bench_infer=["--scales", "deim_dfine_s", "deimv2_s", "--repeats", "30", "--warmup", "5", "--device", "cuda",
@@ -738,14 +746,31 @@ def bench_section(report: Report, plan: Plan, teacher: Path) -> None:
         if len(args) == 2:  # nothing asked of this one in this mode
             report.skip(name, "not planned" if plan.cuda else "the CPU plan's bench_step already times the variants")
             continue
-        with report.section(name) as out:
-            res = _distill([_fill(a, teacher=teacher) for a in args], timeout)
-            out["result"] = _json_out(res)
-            out.update(res)
-            report.check(res["rc"] == 0 and out["result"] is not None, f"{name}: rc {res['rc']}, {res['tail'][-3:]}")
-            if name == "bench_infer" and not plan.cuda:
-                out["onnxruntime_cuda"] = dict(NO_CUDA)
-                print("[gpu_check] bench_infer onnxruntime_cuda: skipped (no CUDA device)", flush=True)
+        _bench(report, plan, name, [_fill(a, teacher=teacher) for a in args], timeout)
+
+
+def compile_section(report: Report, plan: Plan) -> None:
+    """``bench_compile`` (after the quickstart): only where the budget still leaves the tests their reserve."""
+    if not plan.bench_compile:
+        report.skip("bench_compile", "not planned" if plan.cuda else "compiling on a CPU takes minutes; the CPU "
+                    "figures are in the README")  # fmt: skip
+        return
+    left = BUDGET_S - report.elapsed()
+    if left < COMPILE_TIMEOUT_S + TESTS_RESERVE_S:
+        report.skip("bench_compile", f"{left:.0f} s of the budget left, kept for the tests")
+        return
+    _bench(report, plan, "bench_compile", ["bench", "step", *plan.bench_compile], COMPILE_TIMEOUT_S)
+
+
+def _bench(report: Report, plan: Plan, name: str, args: list[str], timeout: float) -> None:
+    with report.section(name) as out:
+        res = _distill(args, timeout)
+        out["result"] = _json_out(res)
+        out.update(res)
+        report.check(res["rc"] == 0 and out["result"] is not None, f"{name}: rc {res['rc']}, {res['tail'][-3:]}")
+        if name == "bench_infer" and not plan.cuda:
+            out["onnxruntime_cuda"] = dict(NO_CUDA)
+            print("[gpu_check] bench_infer onnxruntime_cuda: skipped (no CUDA device)", flush=True)
 
 
 def quickstart_section(report: Report, plan: Plan, work: Path, synth: Path) -> None:
@@ -880,6 +905,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.only_train:
             bench_section(report, plan, teacher)
             quickstart_section(report, plan, work, synth)
+            compile_section(report, plan)
     if args.skip_tests or args.only_train:
         report.skip("tests", "--skip-tests")
     else:

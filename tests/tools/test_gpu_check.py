@@ -94,6 +94,7 @@ def test_cpu_mode_benchmarks_and_quickstart_report_figures(cpu_report):
         assert report[name]["rc"] == 0 and report[name]["result"], name
     assert {"plain", "dsi", "dsi_gam"} <= set(json.dumps(report["bench_step"]["result"]).replace('"', " ").split())
     assert "skipped" in report["bench_variants"]  # the GPU's extra run: the CPU plan's bench_step has the variants
+    assert "skipped" in report["bench_compile"]  # GPU only, and only while the budget leaves the tests time
     quick = report["quickstart"]
     assert quick["train"]["rc"] == 0 and quick["summary"]["epochs"] == 1
     assert math.isfinite(quick["eval_metrics"]["AP"])
@@ -198,6 +199,23 @@ def test_each_further_precision_trains_in_its_own_process(monkeypatch, tmp_path)
     assert report.data["gam_vs_cpu"]["dsi_gam/fp16"][0]["match"] is True
     assert report.data["peak_memory"]["train_mib"] == {"plain/bf16": 5.0, "dsi_gam/bf16": 5.0, "plain/fp16": 6.0}
     assert "train dsi_gam/fp16: RuntimeError: boom (fp16, own process)" in report.failures
+
+
+def test_the_compile_check_runs_only_while_the_tests_keep_their_reserve(monkeypatch, tmp_path):
+    gpu_check = _load_script()
+    asked = []
+    monkeypatch.setattr(gpu_check, "_distill", lambda args, timeout: asked.append((args, timeout)) or {
+        "rc": 0, "tail": [], "stdout": '{"ratio_compiled_vs_default": 0.9}'})
+    plan = gpu_check.gpu_plan()
+    report = gpu_check.Report(tmp_path / "report.json")
+    report.t0 -= gpu_check.BUDGET_S - gpu_check.TESTS_RESERVE_S  # most of the budget spent: nothing is started
+    gpu_check.compile_section(report, plan)
+    assert asked == [] and "kept for the tests" in report.data["bench_compile"]["skipped"]
+    report = gpu_check.Report(tmp_path / "report.json")  # a fresh budget: it runs, three-sided
+    gpu_check.compile_section(report, plan)
+    assert len(asked) == 1 and asked[0][1] == gpu_check.COMPILE_TIMEOUT_S
+    assert asked[0][0][:2] == ["bench", "step"] and {"--compare-eager", "--with-compile"} <= set(asked[0][0])
+    assert report.data["bench_compile"]["rc"] == 0 and not report.failures
 
 
 @pytest.mark.cuda
