@@ -217,7 +217,9 @@ def compile_student(student: nn.Module, options: SpeedOptions, taps: Iterable[st
     regions = compile_regions(student, taps)
     # Regions of one class (HGNetv2's four stages) share one code object, and dynamo counts their graphs (one per
     # class of shapes, one more where a size turns dynamic) against one limit, past which it runs them eagerly
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(regions))
+    # torch 2.7 renamed cache_size_limit (2.5, 2.6) to recompile_limit, keeping the old name as an alias
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 2 * len(regions)))
     for name in regions:
         module = student.get_submodule(name)
         module.forward = torch.compile(module.forward, backend=options.backend, dynamic=options.dynamic)

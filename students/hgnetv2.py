@@ -356,7 +356,9 @@ class HGNetv2(nn.Module):
                              f"{list(range(num_stages))}")
         self.name = name
         self.use_lab = use_lab
-        self.return_idx = return_idx
+        # a tuple: torch 2.5's dynamo, compiling with dynamic sizes, took a list attribute's ints for symbols and
+        # `idx in list` for False (the compiled backbone returned no map)
+        self.return_idx = tuple(return_idx)
         # Features come out in stage order whatever the order of return_idx, as in the official forward.
         returned = sorted(set(return_idx))
         self.out_channels = [arch.stages[i].out_chs for i in returned]

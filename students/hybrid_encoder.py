@@ -177,7 +177,7 @@ class HybridEncoder(nn.Module):
         self.in_channels = in_channels
         self.feat_strides = feat_strides
         self.hidden_dim = hidden_dim
-        self.use_encoder_idx = use_encoder_idx
+        self.use_encoder_idx = tuple(use_encoder_idx)  # a tuple, as students.hgnetv2's return_idx (torch 2.5's dynamo)
         self.num_encoder_layers = num_encoder_layers
         self.pe_temperature = pe_temperature
         self.eval_spatial_size = list(eval_spatial_size) if eval_spatial_size is not None else None

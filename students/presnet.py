@@ -193,7 +193,7 @@ class PResNet(nn.Module):
                                           variant=variant))
             ch_in = stage_channels[i]
 
-        self.return_idx = return_idx
+        self.return_idx = tuple(return_idx)  # a tuple, as in students.hgnetv2 (torch 2.5's dynamo)
         # Describe the returned list, which is in stage order (officially these follow return_idx order, which
         # is the same thing for every config since they all list stages in increasing order).
         returned = sorted(set(return_idx))

@@ -222,10 +222,15 @@ def test_rescale_is_one_log_uniform_factor_in_half_to_two():
 # ---------------------------------------------------------------------------------------------------------------
 # Fidelity against transformers' DINOv3ViTModel (same function for DINOv3 ViT-S / S+, docs/OFFICIAL.md §2.5 / §7)
 # ---------------------------------------------------------------------------------------------------------------
-def _to_hf(ours: torch.nn.Module, blocks, prefix_tokens: dict, gated: bool, D: int) -> dict:
+def _layers_prefix(hf: torch.nn.Module) -> str:
+    """Where the model keeps its blocks: ``layer.`` (transformers 4.x) or ``model.layer.`` (5.x)."""
+    return next(k for k in hf.state_dict() if k.endswith(".0.norm1.weight")).removesuffix("0.norm1.weight")
+
+
+def _to_hf(ours: torch.nn.Module, blocks, prefix_tokens: dict, gated: bool, D: int, layers: str) -> dict:
     sd = {f"embeddings.{k}": v for k, v in prefix_tokens.items()}
     for i, blk in enumerate(blocks):
-        p = f"model.layer.{i}."
+        p = f"{layers}{i}."
         w, b = blk.attn.qkv.weight, blk.attn.qkv.bias
         if hasattr(blk.attn.qkv, "bias_mask"):
             b = b * blk.attn.qkv.bias_mask
@@ -265,7 +270,8 @@ def test_dinov3_equals_transformers_dinov3vitmodel(name, gated):
     sd = _to_hf(ours, ours.blocks, {"cls_token": ours.cls_token, "register_tokens": ours.storage_tokens,
                                     "mask_token": ours.mask_token[None],
                                     "patch_embeddings.weight": ours.patch_embed.proj.weight,
-                                    "patch_embeddings.bias": ours.patch_embed.proj.bias}, gated, 384)
+                                    "patch_embeddings.bias": ours.patch_embed.proj.bias}, gated, 384,
+                _layers_prefix(hf))
     sd.update({"norm.weight": ours.norm.weight.detach(), "norm.bias": ours.norm.bias.detach()})
     missing, unexpected = hf.load_state_dict(sd, strict=False)
     assert not unexpected and all("inv_freq" in k for k in missing)
@@ -277,7 +283,7 @@ def test_dinov3_equals_transformers_dinov3vitmodel(name, gated):
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
 
 
-def test_vit_tiny_equals_transformers_hidden_states():
+def test_vit_tiny_equals_transformers_block_outputs():
     ours = VisionTransformer(embed_dim=192, num_heads=3, depth=3, return_layers=[0, 1, 2]).eval()
     _randomize(ours)
     m = ours._model
@@ -288,16 +294,21 @@ def test_vit_tiny_equals_transformers_hidden_states():
     sd = _to_hf(ours, m.blocks, {"cls_token": m.cls_token, "mask_token": torch.zeros(1, 1, 192),
                                  "register_tokens": torch.zeros(1, 0, 192),
                                  "patch_embeddings.weight": m.patch_embed.proj.weight,
-                                 "patch_embeddings.bias": m.patch_embed.proj.bias}, False, 192)
+                                 "patch_embeddings.bias": m.patch_embed.proj.bias}, False, 192, _layers_prefix(hf))
     missing, unexpected = hf.load_state_dict(sd, strict=False)
     assert not unexpected and set(missing) <= {"norm.weight", "norm.bias", "rope_embeddings.inv_freq"}
+    # each block's output from a hook: transformers 4.x puts the final norm's output last in hidden_states, 5.x not
+    blocks, hidden = hf.get_submodule(_layers_prefix(hf).rstrip(".")), []
+    for block in blocks:
+        block.register_forward_hook(lambda _m, _i, out: hidden.append(out[0] if isinstance(out, tuple) else out))
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
-        hidden = hf(pixel_values=x, output_hidden_states=True).hidden_states  # [embeddings, block 0, 1, 2]
+        hf(pixel_values=x)
         taps = ours(x)
+    assert len(hidden) == len(taps) == 3
     for i, (patches, cls) in enumerate(taps):
-        torch.testing.assert_close(patches, hidden[i + 1][:, 1:], rtol=0, atol=1e-5)
-        torch.testing.assert_close(cls, hidden[i + 1][:, 0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(patches, hidden[i][:, 1:], rtol=0, atol=1e-5)
+        torch.testing.assert_close(cls, hidden[i][:, 0], rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,8 +21,12 @@ def test_rows_carry_the_cosine_and_time_relative_to_fp32(monkeypatch):
     assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
     assert fp32["cos_mean"] == pytest.approx(1.0) and fp32["ratio_vs_fp32"] == 1.0
     assert 0.99 < bf16["cos_mean"] < 1.0 and bf16["cos_min"] <= bf16["cos_mean"]  # bf16 rounds: close, not equal
-    # (the medians are rounded to 0.1 ms, the ratio is not)
-    assert bf16["ratio_vs_fp32"] == pytest.approx(bf16["median_s"] / fp32["median_s"], rel=0.1)
+    # the ratio is of the unrounded medians; the rows' medians are rounded to 0.1 ms, which moves a ratio of
+    # sub-millisecond times by tens of percent, so the ratio must lie within what the rounded medians allow
+    half = 0.5e-4
+    low = (bf16["median_s"] - half) / (fp32["median_s"] + half)
+    high = (bf16["median_s"] + half) / max(fp32["median_s"] - half, 1e-9)
+    assert low <= bf16["ratio_vs_fp32"] <= high, (bf16["ratio_vs_fp32"], low, high)
     assert bf16["auto"] == native_bf16(torch.device("cpu")) and fp32["auto"] != bf16["auto"]
 
 
