@@ -64,8 +64,8 @@ def test_state_dict_matches_official_keys_and_shapes(scale):
 def test_named_variants_equal_timm_pphgnetv2(name):
     """timm re-implements PP-HGNetV2 independently (from PaddleClas) with the same module names."""
     use_lab = name in ("B0", "B1", "B2", "B3")  # timm's own choice per variant
+    ref = timm.create_model(f"hgnetv2_{name.lower()}", pretrained=False)  # on the CPU: timm 1.0.3 reads a tensor
     with torch.device("meta"):
-        ref = timm.create_model(f"hgnetv2_{name.lower()}", pretrained=False)
         ours = HGNetv2(name, use_lab=use_lab, return_idx=[3], freeze_at=-1, freeze_norm=False, pretrained=False)
     ref_shapes = {k: s for k, s in _shapes(ref).items() if k.startswith(("stem.", "stages."))}
     assert _shapes(ours) == ref_shapes
