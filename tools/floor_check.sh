@@ -4,7 +4,7 @@
 # Each pin is the floor declared in pyproject.toml (a patch release of it where that is the first with wheels for
 # this Python), except two, raised by what the other floors need:
 #   numpy 1.24.4: onnxruntime 1.15.1 (the export floor) needs numpy >= 1.24.2;
-#   pyyaml 6.0.1: 5.1 has no wheel for Python 3.11 and no longer builds.
+#   pyyaml 6.0.1: 5.1 has no wheel for Python 3.11 (6.0 is the first release with one).
 # transformers 4.56.2 because transformers 5 needs torch 2.6. The packages without a floor resolve to their newest.
 # Usage: bash tools/floor_check.sh [VENV_DIR] (default /tmp/rtdistill-floor).
 set -euo pipefail
